@@ -1,0 +1,57 @@
+"""The ``mvz`` command line: generate, export, train, bench, score, info.
+
+Thin by design: each command lives in ``mvz/commands/<name>.py`` (parse, call, print) and imports
+torch and the heavy modules inside its function, so ``mvz --help`` answers without importing torch.
+User errors (``MvzError``) print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+COMMAND_MODULES = ("generate", "export", "train", "bench", "score", "info")
+
+app = typer.Typer(
+    name="mvz",
+    help="Few-step text-to-multiview diffusion: train (MVC-ZigAL), export (ONNX/TensorRT), generate, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"mvz.commands.{_name}")
+    except ModuleNotFoundError as exc:  # a command not built yet must not break the others
+        if exc.name != f"mvz.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mvz.errors import MvzError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except MvzError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

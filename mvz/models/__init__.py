@@ -1,0 +1,1 @@
+"""The multiview model: specs and presets, cameras, row-wise MV attention, loading and saving."""

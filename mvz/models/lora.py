@@ -1,0 +1,124 @@
+"""LoRA in the PEFT layout of the upstream MVC-ZigAL checkpoint (``mvczigal_lcm_sdxl_lora.safetensors``).
+
+Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r), with no
+adapter name and no ``unet.``/``base_model.model.`` prefix, over the 8 target module names below. The
+rank is read from the file; alpha defaults to the rank (upstream scale 1) unless our own metadata says
+otherwise. Loading is strict: missing or unexpected keys, or wrong shapes, are an error naming them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+
+LORA_FILENAME = "mvczigal_lcm_sdxl_lora.safetensors"
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0")
+ADAPTER_NAME = "default"
+
+
+def lora_config(rank: int = 16, alpha: float | None = None, init: str | bool = "gaussian"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights=init,
+        target_modules=list(LORA_TARGETS),
+    )
+
+
+def add_lora(unet, rank: int = 16, alpha: float | None = None, init: str | bool = "gaussian", adapter_name: str = ADAPTER_NAME) -> None:
+    """Inject LoRA layers (the MV branch must already be installed, or the ``_mv`` targets are missing)."""
+    unet.add_adapter(lora_config(rank, alpha, init), adapter_name=adapter_name)
+
+
+def has_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def lora_state_dict(unet, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float | None]:
+    """(state dict, rank, alpha or None). Errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILENAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"LoRA file {path} does not exist.", f"Pass the path of a {LORA_FILENAME} file.")
+    try:
+        sd = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"LoRA file {path} is not a readable safetensors file ({exc}).") from None
+    a_keys = [k for k in sd if k.endswith(".lora_A.weight")]
+    if not a_keys or any(not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")) for k in sd):
+        odd = [k for k in sd if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))]
+        raise CheckpointError(
+            f"{path} is not a PEFT LoRA file (unexpected keys: {summarize_keys(odd or list(sd))}).",
+            "Expected '<module>.lora_A.weight' / '<module>.lora_B.weight' keys as MVC-ZigAL saves them.",
+        )
+    ranks = {sd[k].shape[0] for k in a_keys}
+    if len(ranks) != 1:
+        raise CheckpointError(f"{path} mixes LoRA ranks {sorted(ranks)}; mvz expects one rank per file.")
+    alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
+    return sd, ranks.pop(), alpha
+
+
+def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> int:
+    """Add a LoRA from an upstream-layout file to the UNet, strictly. Returns the rank."""
+    from peft.utils import set_peft_model_state_dict
+
+    sd, rank, alpha = read_lora_file(path)
+    if has_lora(unet) and adapter_name in unet.peft_config:
+        unet.delete_adapters(adapter_name)
+    add_lora(unet, rank=rank, alpha=alpha, init=True, adapter_name=adapter_name)
+    expected = lora_state_dict(unet, adapter_name)
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    bad_shape = [k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad_shape:
+        unet.delete_adapters(adapter_name)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({summarize_keys(missing, 3)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({summarize_keys(unexpected, 3)})")
+        if bad_shape:
+            k = sorted(bad_shape)[0]
+            parts.append(f"{len(bad_shape)} with wrong shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
+        raise CheckpointError(
+            f"LoRA {path} does not fit this model: " + "; ".join(parts) + ".",
+            "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).",
+        )
+    ref = next(iter(expected.values()))
+    result = set_peft_model_state_dict(unet, {k: v.to(ref.dtype) for k, v in sd.items()}, adapter_name=adapter_name)
+    leftovers = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
+    if leftovers:
+        raise CheckpointError(f"LoRA {path}: PEFT did not place {summarize_keys(leftovers)}.")
+    set_lora_scale(unet, scale, adapter_name)
+    return rank
+
+
+def set_lora_scale(unet, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    unet.set_adapters([adapter_name], weights=[float(scale)])
+
+
+def save_lora(unet, path: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
+    """Write the upstream layout (fp32 tensors, no prefix), atomically; rank/alpha go into metadata."""
+    from mvz.atomic import save_safetensors
+
+    sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(unet, adapter_name).items()}
+    cfg = unet.peft_config[adapter_name]
+    meta = {"format": "pt", "lora_rank": str(cfg.r), "lora_alpha": str(cfg.lora_alpha), "producer": "mvz"}
+    return save_safetensors(path, sd, metadata=meta)

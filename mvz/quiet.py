@@ -1,0 +1,30 @@
+"""Keep library chatter (progress bars, dtype notices) out of mvz's own output."""
+
+from __future__ import annotations
+
+import os
+
+_done = False
+
+
+def quiet_libraries() -> None:
+    global _done
+    if _done:
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+    _done = True

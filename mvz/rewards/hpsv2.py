@@ -1,0 +1,118 @@
+"""HPSv2: the open_clip ``ViT-H-14`` checkpoint ``HPS_v2_compressed.pt`` converted into transformers' CLIP.
+
+No open_clip: the state dict (under ``"state_dict"``, open_clip names) is mapped key by key
+(:mod:`mvz.rewards.clip_convert`) and loaded strictly. Score = diagonal of normalised
+``image_features @ text_features.T``, i.e. a cosine per view (reference section 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mvz.errors import CheckpointError
+from mvz.paths import rewards_dir
+from mvz.rewards.base import RewardOutput, register_reward
+from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, strip_prefix
+from mvz.rewards.clip_convert import build_clip_config, convert_open_clip, load_clip_model, read_dims
+from mvz.rewards.preprocess import check_images, clip_preprocess
+from mvz.rewards.runtime import ModelReward
+
+FILENAMES = ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")
+HF_REPO = "xswu/HPSv2"
+SOURCE = f"https://huggingface.co/{HF_REPO} (file HPS_v2_compressed.pt; the hpsv2 package caches it in ~/.cache/hpsv2)"
+TOKENIZER_REPOS = ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "openai/clip-vit-large-patch14")
+# open_clip's model config format; the values of ViT-H-14 (heads are not visible in tensor shapes)
+ARCH_FILES = ("open_clip_config.json", "ViT-H-14.json")
+VIT_H_14 = {"embed_dim": 1024, "quick_gelu": False,
+            "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+
+
+def read_arch(ckpt: Path) -> dict:
+    for name in ARCH_FILES:
+        p = ckpt.parent / name
+        if p.is_file():
+            try:
+                return json.loads(p.read_text())
+            except ValueError as exc:
+                raise CheckpointError(f"hpsv2: cannot parse {p}: {exc}.") from None
+    return VIT_H_14
+
+
+def hps_state_dict(obj: dict) -> dict:
+    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict", None), dict) else obj
+    return strip_prefix(state)
+
+
+def convert_hps(state: dict, arch: dict, tokenizer) -> tuple[torch.nn.Module, dict]:
+    """open_clip state dict -> (``CLIPModel``, mapping original key -> CLIPModel keys)."""
+    dims = read_dims(state, "hpsv2")
+    hf, mapping = convert_open_clip(state, "hpsv2")
+    vcfg, tcfg = arch.get("vision_cfg", {}), arch.get("text_cfg", {})
+    text_head_width = dims.text_width // int(tcfg["heads"]) if "heads" in tcfg else 64
+    config = build_clip_config(dims, int(vcfg.get("head_width", 64)), text_head_width,
+                               "quick_gelu" if arch.get("quick_gelu") else "gelu",
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return load_clip_model(hf, config, "hpsv2"), mapping
+
+
+class HPSv2(ModelReward):
+    name = "hpsv2"
+    kind = "per_view"
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+                 device=None, dtype=None, memory_budget_mb: float = 2048.0, max_batch: int | None = None):
+        super().__init__(device, dtype, memory_budget_mb, max_batch)
+        from transformers import CLIPTokenizer
+
+        home = rewards_dir() / "hpsv2"
+        path = find_file("hpsv2", FILENAMES, checkpoint, [Path.home() / ".cache" / "hpsv2"],
+                         [(HF_REPO, FILENAMES[0])], SOURCE)
+        tok_folder = find_folder("hpsv2", "vocab.json", "CLIP BPE tokenizer", tokenizer,
+                                 [path.parent / "tokenizer", home / "tokenizer"], TOKENIZER_REPOS,
+                                 f"https://huggingface.co/{TOKENIZER_REPOS[0]}")
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+        state = hps_state_dict(load_torch_state(path, "hpsv2"))
+        self.model, self.key_mapping = convert_hps(state, read_arch(path), self.tokenizer)
+        self._setup_modules(self.model)
+        self.checkpoint = str(path)
+        vc = self.model.config.vision_config
+        self.image_size = int(vc.image_size)
+        self.context_length = int(self.model.config.text_config.max_position_embeddings)
+        self._tokens = (self.image_size // vc.patch_size) ** 2 + 1
+        self._width, self._heads = vc.hidden_size, vc.num_attention_heads
+
+    @torch.no_grad()
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenize_truncating(self.tokenizer, prompts, self.context_length)["input_ids"].to(self.device)
+        hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask only, like open_clip
+        eot = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # EOT has the largest id
+        return F.normalize(self.model.text_projection(eot).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, flat: torch.Tensor) -> torch.Tensor:
+        def run(s: slice) -> torch.Tensor:
+            px = clip_preprocess(flat[s].to(self.device), self.image_size).to(self.dtype)
+            pooled = self.model.vision_model(pixel_values=px).pooler_output  # ln_post(CLS)
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+        return self.map_chunks(flat.shape[0], self.chunk_size(self._tokens, self._width, self._heads), run)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        b, v = check_images(images, prompts, self.name)
+        img = self.embed_images(images.reshape(b * v, *images.shape[2:])).reshape(b, v, -1)
+        txt = self.embed_text(prompts).cpu()
+        per_view = (img * txt[:, None, :]).sum(-1)
+        return RewardOutput(per_set=per_view.mean(1), per_view=per_view)
+
+
+@register_reward("hpsv2")
+def make_hpsv2(**kwargs) -> HPSv2:
+    return HPSv2(**kwargs)

@@ -1,0 +1,104 @@
+"""PickScore: a Hugging Face CLIP folder (``yuvalkirstain/PickScore_v1``), per-view cosine score.
+
+Score = cosine(L2-normalised image embedding, L2-normalised text embedding), **without** the
+``logit_scale.exp()`` (~100) factor of the official demo, as MVC-ZigAL uses it (reference section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mvz.errors import CheckpointError, summarize_keys
+from mvz.paths import rewards_dir
+from mvz.rewards.base import RewardOutput, register_reward
+from mvz.rewards.checkpoints import find_folder
+from mvz.rewards.preprocess import check_images, clip_preprocess
+from mvz.rewards.runtime import ModelReward
+
+HF_REPO = "yuvalkirstain/PickScore_v1"
+PROCESSOR_REPOS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+SOURCE = f"https://huggingface.co/{HF_REPO} (processor: https://huggingface.co/{PROCESSOR_REPOS[0]})"
+
+
+def load_clip_folder(folder: Path, what: str):
+    """``CLIPModel.from_pretrained`` offline, refusing other models and partial loads."""
+    from transformers import CLIPModel
+
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{what}: cannot read {cfg_path}: {exc}.") from None
+    if cfg.get("model_type") != "clip":
+        raise CheckpointError(f"{what}: {folder} holds a {cfg.get('model_type')!r} model, not a CLIP model.",
+                              f"Point it at a CLIP folder such as {HF_REPO}.")
+    try:
+        model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                dtype=torch.float32)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: cannot load weights from {folder}: {str(exc).splitlines()[0][:200]}.") from None
+    bad = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    mism = [m[0] if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", [])]
+    if bad or mism:
+        raise CheckpointError(f"{what}: {folder} does not fit its CLIP config: missing {summarize_keys(bad)}"
+                              f"{'; wrong shape ' + summarize_keys(mism) if mism else ''}.")
+    return model.eval().requires_grad_(False)
+
+
+class PickScore(ModelReward):
+    name = "pickscore"
+    kind = "per_view"
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+                 device=None, dtype=None, memory_budget_mb: float = 2048.0, max_batch: int | None = None):
+        super().__init__(device, dtype, memory_budget_mb, max_batch)
+        from transformers import CLIPTokenizer
+
+        home = rewards_dir() / "pickscore"
+        folder = find_folder("pickscore", "config.json", "CLIP model folder", checkpoint, [home], [HF_REPO], SOURCE)
+        tok_folder = find_folder("pickscore", "vocab.json", "CLIP tokenizer", tokenizer, [folder, home / "processor"],
+                                 PROCESSOR_REPOS, f"https://huggingface.co/{PROCESSOR_REPOS[0]}")
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+        self.model = load_clip_folder(folder, "pickscore")
+        self._setup_modules(self.model)
+        self.checkpoint = str(folder)
+        vc = self.model.config.vision_config
+        self.image_size = int(vc.image_size)
+        self.context_length = int(self.model.config.text_config.max_position_embeddings)
+        self._tokens = (self.image_size // vc.patch_size) ** 2 + 1
+        self._width, self._heads = vc.hidden_size, vc.num_attention_heads
+
+    @torch.no_grad()
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        enc = self.tokenize_truncating(self.tokenizer, prompts, self.context_length)
+        out = self.model.text_model(input_ids=enc["input_ids"].to(self.device),
+                                    attention_mask=enc["attention_mask"].to(self.device))
+        return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, flat: torch.Tensor) -> torch.Tensor:
+        def run(s: slice) -> torch.Tensor:
+            px = clip_preprocess(flat[s].to(self.device), self.image_size).to(self.dtype)
+            pooled = self.model.vision_model(pixel_values=px).pooler_output
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+        return self.map_chunks(flat.shape[0], self.chunk_size(self._tokens, self._width, self._heads), run)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        b, v = check_images(images, prompts, self.name)
+        img = self.embed_images(images.reshape(b * v, *images.shape[2:])).reshape(b, v, -1)
+        txt = self.embed_text(prompts).cpu()
+        per_view = (img * txt[:, None, :]).sum(-1)
+        return RewardOutput(per_set=per_view.mean(1), per_view=per_view)
+
+
+@register_reward("pickscore")
+def make_pickscore(**kwargs) -> PickScore:
+    return PickScore(**kwargs)

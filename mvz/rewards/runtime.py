@@ -1,0 +1,91 @@
+"""Shared machinery for the model-backed rewards: device/dtype, memory-budgeted chunking, notices."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from mvz.errors import DeviceError, InputError
+from mvz.rewards.base import Reward
+
+log = logging.getLogger("mvz.rewards")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}.", "Use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device} requested but CUDA is not available.", "Use --device cpu.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # upstream runs every reward in fp32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}.", f"Use one of {', '.join(sorted(DTYPES))}.")
+    return DTYPES[dtype]
+
+
+def images_per_chunk(memory_budget_mb: float, tokens: int, width: int, heads: int, dtype: torch.dtype) -> int:
+    """How many images fit one forward in ``memory_budget_mb`` of activations (rough, no-grad estimate)."""
+    bytes_per = torch.finfo(dtype).bits // 8
+    per_image = bytes_per * (tokens * width * 8 + heads * tokens * tokens * 2)
+    return max(1, int(memory_budget_mb * 2**20 // max(per_image, 1)))
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+class ModelReward(Reward):
+    """A frozen torch-backed reward: holds device, dtype, chunk size and one-time notices."""
+
+    def __init__(self, device=None, dtype=None, memory_budget_mb: float = 2048.0, max_batch: int | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.memory_budget_mb = float(memory_budget_mb)
+        self._max_batch = max_batch
+        self.notices: list[str] = []
+        self.checkpoint: str = ""
+
+    def notice_once(self, message: str) -> None:
+        """Record (and log) a user-facing notice, once per reward instance."""
+        if message not in self.notices:
+            self.notices.append(message)
+            log.warning(message)
+
+    def _setup_modules(self, *modules: torch.nn.Module) -> None:
+        for m in modules:
+            m.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    def chunk_size(self, tokens: int, width: int, heads: int) -> int:
+        if self._max_batch is not None:
+            return max(1, int(self._max_batch))
+        return images_per_chunk(self.memory_budget_mb, tokens, width, heads, self.dtype)
+
+    def map_chunks(self, n: int, size: int, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([fn(s).float().cpu() for s in chunks(n, size)], dim=0)
+
+    def tokenize_truncating(self, tokenizer, texts: Sequence[str], max_length: int, **kwargs):
+        """Tokenize with truncation to ``max_length`` tokens; say once when a prompt was cut."""
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt", **kwargs)
+        full = tokenizer(list(texts), truncation=True, max_length=100_000, **kwargs)["input_ids"]
+        for text, ids in zip(texts, full, strict=True):
+            if len(ids) > max_length:
+                short = text if len(text) <= 40 else text[:37] + "..."
+                self.notice_once(f"{self.name}: prompt {short!r} has {len(ids)} tokens; truncated to {max_length} like the original.")
+        return enc
