@@ -23,6 +23,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Few-step text-to-multiview diffusion: train (MVC-ZigAL), export (ONNX/TensorRT), generate, bench."""
+
+
 for _name in COMMAND_MODULES:
     try:
         _module = importlib.import_module(f"mvz.commands.{_name}")
@@ -47,11 +54,25 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_exc, abort = _click_exception_types()
+        if isinstance(exc, click_exc):
             exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(exc.exit_code if isinstance(getattr(exc, "exit_code", None), int) else 2)
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Typer >= 0.29 vendors click as ``typer._click``; older ones use ``click`` itself. Catch both."""
+    click_exc: list[type] = []
+    abort: list[type] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        click_exc.append(m.ClickException)
+        if hasattr(m, "Abort"):
+            abort.append(m.Abort)
+    return tuple(click_exc), tuple(abort)

@@ -55,3 +55,22 @@ def summarize_keys(keys, limit: int = 5) -> str:
     keys = sorted(keys)
     head = ", ".join(keys[:limit])
     return head + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def describe_key_mismatch(found: dict, expected: dict, noun: str = "keys") -> str | None:
+    """One-line summary of how a state dict differs from what a model expects, or None if it fits.
+
+    ``found``/``expected`` map key -> tensor (anything with ``.shape``).
+    """
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    bad = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing {noun} ({summarize_keys(missing, 3)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected {noun} ({summarize_keys(unexpected, 3)})")
+    if bad:
+        k = bad[0]
+        parts.append(f"{len(bad)} wrong shapes (e.g. {k}: {tuple(found[k].shape)} vs {tuple(expected[k].shape)})")
+    return "; ".join(parts) or None

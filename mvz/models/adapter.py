@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch
 from mvz.models.attention import mv_processors
 
 
@@ -50,20 +50,10 @@ def load_mvadapter_file(path: str | Path, unet, adapter) -> None:
         for k, v in proc.state_dict().items():
             expected[f"{name}.{k}"] = v
     expected.update(adapter.state_dict())
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    bad = [k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({summarize_keys(missing, 3)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({summarize_keys(unexpected, 3)})")
-        if bad:
-            k = sorted(bad)[0]
-            parts.append(f"{len(bad)} wrong shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
+    problem = describe_key_mismatch(sd, expected)
+    if problem:
         raise CheckpointError(
-            f"MV-Adapter file {path} does not fit this UNet: " + "; ".join(parts) + ".",
+            f"MV-Adapter file {path} does not fit this UNet: {problem}.",
             "Use the T2MV SDXL adapter (mvadapter_t2mv_sdxl.safetensors) with an SDXL-layout UNet.",
         )
     for name, proc in mv_processors(unet).items():

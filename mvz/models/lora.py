@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch, summarize_keys
 
 LORA_FILENAME = "mvczigal_lcm_sdxl_lora.safetensors"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0")
@@ -84,21 +84,11 @@ def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = AD
         unet.delete_adapters(adapter_name)
     add_lora(unet, rank=rank, alpha=alpha, init=True, adapter_name=adapter_name)
     expected = lora_state_dict(unet, adapter_name)
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    bad_shape = [k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad_shape:
+    problem = describe_key_mismatch(sd, expected)
+    if problem:
         unet.delete_adapters(adapter_name)
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({summarize_keys(missing, 3)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({summarize_keys(unexpected, 3)})")
-        if bad_shape:
-            k = sorted(bad_shape)[0]
-            parts.append(f"{len(bad_shape)} with wrong shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
         raise CheckpointError(
-            f"LoRA {path} does not fit this model: " + "; ".join(parts) + ".",
+            f"LoRA {path} does not fit this model: {problem}.",
             "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).",
         )
     ref = next(iter(expected.values()))

@@ -217,6 +217,7 @@ class HyperScore(ModelReward):
                                  [path.parent / "tokenizer", home / "tokenizer"], TOKENIZER_REPOS,
                                  f"https://huggingface.co/{TOKENIZER_REPOS[0]}")
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+        self.tokenizer.model_max_length = 10**9  # clip_tokenize cuts to the context itself (no HF length warning)
         self.config = HyperScoreConfig.from_file(path.parent / CONFIG_FILE)
         state = strip_prefix(load_torch_state(path, "hyperscore"))
         self.set_views(views, white_background, background_level, background_tol)

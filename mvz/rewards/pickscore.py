@@ -26,9 +26,44 @@ PROCESSOR_REPOS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B
 SOURCE = f"https://huggingface.co/{HF_REPO} (processor: https://huggingface.co/{PROCESSOR_REPOS[0]})"
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_hf_weights(folder: Path, what: str) -> dict:
+    """The state dict of a HF model folder (single or sharded safetensors / ``.bin``), on CPU."""
+    from safetensors.torch import load_file
+
+    from mvz.rewards.checkpoints import load_torch_state
+
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        files = [path]
+        if name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{what}: cannot read {path}: {exc}.") from None
+            files = [folder / f for f in sorted(set(index.values()))]
+        state: dict = {}
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{what}: weight shard {f} is missing.", "Download the complete folder.")
+            try:
+                state.update(load_file(str(f)) if f.suffix == ".safetensors" else load_torch_state(f, what))
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(f"{what}: cannot read {f}: {str(exc)[:160]}.") from None
+        return state
+    raise CheckpointError(f"{what}: {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}).",
+                          f"Download the weights from {SOURCE}.")
+
+
 def load_clip_folder(folder: Path, what: str):
-    """``CLIPModel.from_pretrained`` offline, refusing other models and partial loads."""
-    from transformers import CLIPModel
+    """A HF ``CLIPModel`` folder, loaded strictly (other models and partial loads are errors)."""
+    from transformers import CLIPConfig, CLIPModel
 
     cfg_path = folder / "config.json"
     try:
@@ -38,16 +73,19 @@ def load_clip_folder(folder: Path, what: str):
     if cfg.get("model_type") != "clip":
         raise CheckpointError(f"{what}: {folder} holds a {cfg.get('model_type')!r} model, not a CLIP model.",
                               f"Point it at a CLIP folder such as {HF_REPO}.")
+    config = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+    state = {k: v for k, v in read_hf_weights(folder, what).items() if not k.endswith("embeddings.position_ids")}
+    model = CLIPModel(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: {folder} does not fit its CLIP config: missing "
+                              f"{summarize_keys(missing) or 'none'}; unexpected {summarize_keys(unexpected) or 'none'}.",
+                              "Is it a CLIPModel checkpoint?")
     try:
-        model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
-                                                dtype=torch.float32)
-    except OSError as exc:
-        raise CheckpointError(f"{what}: cannot load weights from {folder}: {str(exc).splitlines()[0][:200]}.") from None
-    bad = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    mism = [m[0] if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", [])]
-    if bad or mism:
-        raise CheckpointError(f"{what}: {folder} does not fit its CLIP config: missing {summarize_keys(bad)}"
-                              f"{'; wrong shape ' + summarize_keys(mism) if mism else ''}.")
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{what}: shape mismatch in {folder} ({str(exc).splitlines()[-1].strip()[:200]}).") from None
     return model.eval().requires_grad_(False)
 
 
@@ -62,10 +100,10 @@ class PickScore(ModelReward):
 
         home = rewards_dir() / "pickscore"
         folder = find_folder("pickscore", "config.json", "CLIP model folder", checkpoint, [home], [HF_REPO], SOURCE)
+        self.model = load_clip_folder(folder, "pickscore")
         tok_folder = find_folder("pickscore", "vocab.json", "CLIP tokenizer", tokenizer, [folder, home / "processor"],
                                  PROCESSOR_REPOS, f"https://huggingface.co/{PROCESSOR_REPOS[0]}")
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
-        self.model = load_clip_folder(folder, "pickscore")
         self._setup_modules(self.model)
         self.checkpoint = str(folder)
         vc = self.model.config.vision_config

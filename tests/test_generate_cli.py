@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mvz.cli import main
+
+
+def run_cli(args, capsys=None):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code
+
+
+def test_generate_tiny_end_to_end(tmp_path, tiny_model):
+    out = tmp_path / "out.png"
+    main(["generate", "a DSLR photo of a frog wearing a sweater", "--model", "tiny", "--seed", "42", "--steps", "4",
+          "--out", str(out), "--save-views", "--device", "cpu"])
+    grid = Image.open(out)
+    assert grid.size == (6 * 64, 64)
+    views = sorted(tmp_path.glob("out_view*_az*.png"))
+    assert len(views) == 6
+    side = json.loads((tmp_path / "out.json").read_text())
+    assert side["prompt"].startswith("a DSLR") and side["seed"] == 42 and side["steps"] == 4
+    assert side["backend"]["name"] == "torch" and side["model"] == "tiny" and "denoise_s" in side["timings"]
+    assert [v["azimuth"] for v in side["views"]] == [0, 45, 90, 180, 270, 315]
+    # view 2 of the grid is the per-view PNG
+    assert Image.open(tmp_path / "out_view2_az90.png").tobytes() == grid.crop((128, 0, 192, 64)).tobytes()
+
+
+def test_generate_prompt_file_and_json(tmp_path, capsys, tiny_model):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a cat\n\n# comment\na dog\n")
+    main(["generate", "--prompts", str(pf), "--model", "tiny", "--steps", "2", "--out-dir", str(tmp_path / "grids"),
+          "--batch-size", "2", "--views", "4", "--zmv", "--json"])
+    files = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert files == ["000_a-cat.png", "001_a-dog.png"]
+    data = json.loads(capsys.readouterr().out)
+    assert [d["prompt"] for d in data] == ["a cat", "a dog"] and data[1]["seed"] == 43 and data[0]["nfe"] == 4
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "", "--model", "tiny"], "prompt is empty"),
+        (["generate", "x", "--model", "tiny", "--steps", "0"], "--steps"),
+        (["generate", "x", "--model", "tiny", "--views", "0"], "--views"),
+        (["generate", "x", "--model", "tiny", "--resolution", "70"], "multiple of 32"),
+        (["generate", "x", "--model", "/nonexistent/model"], "not a preset"),
+        (["generate", "x", "--model", "tiny", "--lora", "/nonexistent.safetensors"], "does not exist"),
+        (["generate", "x", "--model", "tiny", "--adapter", "/nonexistent.safetensors"], "neither a local path"),
+        (["generate", "--model", "tiny"], "no prompt"),
+        (["generate", "x", "--model", "tiny", "--backend", "magic"], "unknown backend"),
+    ],
+)
+def test_generate_bad_inputs_exit_2_without_output(tmp_path, capsys, args, needle, tiny_model):
+    out = tmp_path / "o.png"
+    code = run_cli([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    pf = tmp_path / "p.txt"
+    pf.write_text("\n# nothing\n")
+    assert run_cli(["generate", "--prompts", str(pf), "--model", "tiny", "--out-dir", str(tmp_path)]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_cuda_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert run_cli(["generate", "x", "--model", "tiny", "--device", "cuda", "--out", str(tmp_path / "o.png")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from mvz.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_info_json(capsys):
+    main(["info", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["versions"]["torch"] and data["devices"][0]["type"] == "cpu"
+
+
+def test_usage_error_exits_2(capsys):
+    assert run_cli(["generate", "--bogus-option"]) == 2
+    assert "No such option" in capsys.readouterr().err
