@@ -106,7 +106,7 @@ class MultiviewModel:
         for name, module in self.modules().items():
             # the VAE keeps its own dtype policy (fp16 only with the fp16-fix weights); callers set it
             module.to(device=device, dtype=dtype if name != "vae" else None)
-        self._residual_cache.clear()
+        self.clear_residual_cache()
         return self
 
     def eval(self) -> MultiviewModel:
@@ -156,6 +156,10 @@ class MultiviewModel:
             x = cameras.adapter_input(height, width).to(device=self.device, dtype=self.dtype)
             self._residual_cache[key] = [r.contiguous() for r in self.adapter(x)]
         return self._residual_cache[key]
+
+    def clear_residual_cache(self) -> None:
+        """Forget cached camera residuals (after changing the adapter's weights, or to time them)."""
+        self._residual_cache.clear()
 
     # ---- latents <-> images -----------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

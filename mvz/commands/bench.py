@@ -1,0 +1,108 @@
+"""``mvz bench``: latency per stage, compute floor, fidelity and quality, into report.json/report.md/PNGs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench(
+        model: str = typer.Option("tiny", "--model", help="tiny, sdxl-lcm, or an assembled model folder."),
+        random_weights: bool = typer.Option(False, "--random-weights", help="Full-size architecture from shipped configs, no download (latency only)."),
+        backends: str = typer.Option("torch", "--backends", help="Comma-separated: torch, torch-compile, onnxruntime, tensorrt."),
+        baseline: str = typer.Option(None, "--baseline", help="Backend the ratios are against (default: the first measured)."),
+        device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+        dtype: str = typer.Option(None, "--dtype", help="fp16, bf16, fp32 (default: fp16 on GPU, fp32 on CPU)."),
+        height: int = typer.Option(None, "--height", help="Image height (default: the model's, 768 for sdxl-lcm)."),
+        width: int = typer.Option(None, "--width", help="Image width."),
+        views: int = typer.Option(6, "--views", help="Views per multiview set."),
+        steps: int = typer.Option(8, "--steps", help="LCM sampling steps."),
+        guidance: float = typer.Option(7.0, "--guidance", help="LCM guidance (w-embedding)."),
+        batch: int = typer.Option(1, "--batch", help="Prompts per timed generation."),
+        warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up runs per backend."),
+        runs: int = typer.Option(20, "--runs", help="Timed runs per backend (median/p90/p99/min over them)."),
+        seed: int = typer.Option(0, "--seed", help="First seed (prompt i uses seed + i)."),
+        prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one a line (default: bench/prompts/objects.txt)."),
+        latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
+        fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Compare each backend with the reference."),
+        fidelity_prompts: int = typer.Option(1, "--fidelity-prompts", help="Prompts (seeds) compared for fidelity."),
+        reference_dtype: str = typer.Option("fp32", "--reference-dtype", help="dtype of the eager torch reference."),
+        quality: str = typer.Option("auto", "--quality", help="auto (skip when rewards are missing), on (fail), off."),
+        quality_prompts: int = typer.Option(8, "--quality-prompts", help="Prompts scored per variant."),
+        rewards: str = typer.Option("pickscore,hpsv2,imagereward,hyperscore", "--rewards", help="Rewards for quality."),
+        reward_preset: str = typer.Option("auto", "--reward-preset", help="auto (tiny for the tiny model), tiny, none."),
+        latency_reward: str = typer.Option("auto", "--latency-reward", help="Reward whose image encoder is timed (auto, none, NAME)."),
+        zmv: bool = typer.Option(True, "--zmv/--no-zmv", help="Also score ZMV sampling."),
+        lora: Path = typer.Option(None, "--lora", help="LoRA file: quality of base vs LoRA."),
+        lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA scale for the LoRA variants."),
+        engines_dir: Path = typer.Option(None, "--engines-dir", help="Exported ONNX / TensorRT engines for the backends."),
+        export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX into OUT/engines when an ONNX backend needs it and --engines-dir is not given."),
+        peak_tflops: float = typer.Option(None, "--peak-tflops", help="Override the device's dense peak TFLOP/s."),
+        threads: int = typer.Option(None, "--threads", help="torch CPU threads."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots and the contact sheet."),
+        out: Path = typer.Option(Path("bench-report"), "--out", help="Report folder (must be writable)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report (or comparison) as JSON."),
+        compare: bool = typer.Option(False, "--compare", help="Compare two reports given as OLD.json NEW.json; measures nothing."),
+        reports: list[Path] = typer.Argument(None, help="With --compare: OLD.json NEW.json.", show_default=False),
+    ) -> None:
+        """Benchmark latency per stage per backend, the compute floor, fidelity and quality."""
+        import json
+
+        if compare or reports:
+            from bench.report import compare_reports, load_report, render_compare, sanitize
+            from mvz.errors import InputError
+
+            if not compare or len(reports or []) != 2:
+                raise InputError("--compare takes exactly two reports: mvz bench --compare OLD.json NEW.json.")
+            old, new = load_report(reports[0]), load_report(reports[1])
+            cmp = compare_reports(old, new)
+            typer.echo(json.dumps(sanitize(cmp), indent=2) if as_json else render_compare(cmp, str(reports[0]), str(reports[1])))
+            return
+
+        from bench.suite import BenchConfig, run_bench
+
+        cfg = BenchConfig(
+            model=model, random_weights=random_weights, device=device, dtype=dtype, height=height, width=width,
+            views=views, steps=steps, guidance=guidance, batch=batch,
+            backends=[b.strip() for b in backends.split(",") if b.strip()], baseline=baseline,
+            reference_dtype=reference_dtype, warmup=warmup, runs=runs, seed=seed,
+            prompts_file=str(prompts) if prompts else None, latency=latency, fidelity=fidelity,
+            fidelity_prompts=fidelity_prompts, quality=quality, quality_prompts=quality_prompts,
+            rewards=[r.strip().lower() for r in rewards.split(",") if r.strip()],
+            reward_preset=None if reward_preset == "none" else reward_preset,
+            latency_reward=latency_reward, zmv=zmv, lora=str(lora) if lora else None, lora_scale=lora_scale,
+            engines_dir=str(engines_dir) if engines_dir else None, export=export, peak_tflops=peak_tflops, threads=threads,
+            plots=plots, out=str(out),
+        )
+        report = run_bench(cfg, log=lambda m: typer.secho(m, err=True, fg="cyan"), argv=["mvz", *sys.argv[1:]])
+        if as_json:
+            from bench.report import sanitize
+
+            typer.echo(json.dumps(sanitize(report), indent=2))
+            return
+        _summary(report, out)
+
+
+def _summary(report: dict, out: Path) -> None:
+    lat = report["latency"]
+    for name, b in report["backends"].items():
+        if b["status"] != "ok":
+            typer.echo(f"{name:14s} {b['status']}: {b['reason']}")
+            continue
+        entry = lat["backends"].get(name)
+        if entry:
+            e = entry["stages"]["end_to_end"]
+            u = entry["stages"]["unet_step"]
+            typer.echo(f"{name:14s} end-to-end median {e['median_ms']:.1f} ms (p90 {e['p90_ms']:.1f}, min {e['min_ms']:.1f}); "
+                       f"UNet step {u['median_ms']:.1f} ms; {entry['throughput_sets_per_s']:.3f} sets/s")
+        f = report["fidelity"].get("backends", {}).get(name)
+        if f:
+            typer.echo(f"{'':14s} fidelity: final latent rel. err. {f['final_latent_rel_error']:.2e}, "
+                       f"PSNR min {f.get('psnr_db_min', float('nan')):.1f} dB, finite {f['ok_finite']}")
+    if report["quality"].get("status") != "ok":
+        typer.echo(f"quality: skipped ({report['quality'].get('reason')})")
+    typer.echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
