@@ -6,6 +6,7 @@ how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,8 @@ def load_model(
             prefix = None
         if prefix is None and model != "tiny":
             raise ModelNotFoundError(f"--random-weights needs a preset with shipped configs (sdxl-lcm), not {model!r}.")
-        with torch.device(dev):
+        # build directly on the target device in the target dtype: no fp32 copy of a 3B-parameter UNet
+        with torch.device(dev), _default_dtype(dt):
             if model == "tiny":
                 from mvz.models import tiny
 
@@ -289,6 +291,16 @@ def load_model(
         mv.unet.requires_grad_(False)
         info.lora, info.lora_scale = str(lora), lora_scale
     return mv
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _default_vae_dtype(res: ResolvedSources, dt: torch.dtype, dev: torch.device) -> torch.dtype:

@@ -1,0 +1,168 @@
+"""ONNX Runtime backend: sessions from an export folder, provider selection, I/O binding on the GPU.
+
+Providers, by request or by availability: ``tensorrt`` (TensorRT EP, engine and timing caches under
+``<export>/ort_trt_cache``), ``cuda`` (CUDA EP), ``cpu``. On a CUDA device the inputs and outputs are torch
+tensors bound by address (``IOBinding``); on the CPU plain numpy feeds are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.base import Backend, load_checked_export, rows_chunks, to_device
+from mvz.errors import BackendUnavailableError
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_NP_TO_TORCH = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32, np.dtype("int64"): torch.int64,
+                np.dtype("int32"): torch.int32}
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed: pip install 'mvz[export]' (CPU) or 'mvz[gpu]' (CUDA)."
+    return None
+
+
+def select_providers(requested: str | Sequence[str] | None, device: torch.device, cache_dir: Path | None = None) -> list:
+    """ORT provider list (with options) for a request ('auto', 'tensorrt', 'cuda', 'cpu', or a list)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested in (None, "auto"):
+        if device.type == "cuda":
+            wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+            if not wanted:
+                raise BackendUnavailableError(
+                    "onnxruntime here has no CUDA provider (the CPU-only wheel is installed).",
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu, or use --device cpu.",
+                )
+            wanted.append("CPUExecutionProvider")
+        else:
+            wanted = ["CPUExecutionProvider"]
+    else:
+        names = [requested] if isinstance(requested, str) else list(requested)
+        wanted = [PROVIDER_NAMES.get(n.lower(), n) for n in names]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise BackendUnavailableError(
+                f"ONNX Runtime provider(s) {', '.join(missing)} not available here (have {', '.join(available)}).",
+                "Install onnxruntime-gpu (CUDA/TensorRT EPs; the TensorRT EP also needs the TensorRT libraries) or pick another provider.",
+            )
+        if "CPUExecutionProvider" not in wanted:
+            wanted.append("CPUExecutionProvider")
+    out: list[Any] = []
+    for p in wanted:
+        if p == "TensorrtExecutionProvider" and cache_dir is not None:
+            out.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+                            "device_id": device.index or 0}))
+        elif p == "CUDAExecutionProvider":
+            out.append((p, {"device_id": device.index or 0}))
+        else:
+            out.append(p)
+    return out
+
+
+class OrtGraph:
+    """One ONNX graph in one session; ``run(tensors) -> torch tensor`` on ``device``."""
+
+    def __init__(self, path: str | Path, providers: list, device: torch.device):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        self.device = device
+        self.inputs = [(i.name, _np_dtype(i.type), i.shape) for i in self.session.get_inputs()]
+        out = self.session.get_outputs()[0]
+        self.output = (out.name, _np_dtype(out.type), out.shape)
+        self.providers = self.session.get_providers()
+        self.rows = self.inputs[0][2][0] if isinstance(self.inputs[0][2][0], int) else None
+        self.io_binding = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not self.io_binding:
+            feeds = {name: t.detach().to("cpu", _NP_TO_TORCH[dt]).contiguous().numpy()
+                     for (name, dt, _), t in zip(self.inputs, tensors, strict=True)}
+            out = self.session.run([self.output[0]], feeds)[0]
+            return torch.from_numpy(out).to(self.device)
+        binding = self.session.io_binding()
+        keep = []
+        idx = self.device.index or 0
+        for (name, dt, _), t in zip(self.inputs, tensors, strict=True):
+            t = t.detach().to(self.device, _NP_TO_TORCH[dt]).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", idx, dt, tuple(t.shape), t.data_ptr())
+        rows = keep[0].shape[0]
+        oname, odt, oshape = self.output
+        shape = tuple(d if isinstance(d, int) else rows for d in oshape)  # only the batch axis is symbolic
+        out = torch.empty(shape, dtype=_NP_TO_TORCH[odt], device=self.device)
+        binding.bind_output(oname, "cuda", idx, odt, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream are ready
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _np_dtype(ort_type: str) -> np.dtype:
+    table = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+    return np.dtype(table[ort_type])
+
+
+class OrtDenoiser:
+    name = "onnxruntime"
+
+    def __init__(self, graph: OrtGraph, num_views: int):
+        self.graph = graph
+        self.num_views = num_views
+
+    def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
+        batched = (sample, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3)
+        outs = []
+        for sl in rows_chunks(sample.shape[0], self.graph.rows):
+            s, pe, te, ti, tc, c0, c1, c2, c3 = (t[sl] for t in batched)
+            outs.append(self.graph.run([s, timestep.float().reshape(1), pe, te, ti, tc, c0, c1, c2, c3]))
+        eps = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return eps.to(device=sample.device, dtype=sample.dtype)
+
+
+class OrtDecoder:
+    name = "onnxruntime"
+
+    def __init__(self, graph: OrtGraph):
+        self.graph = graph
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        outs = [self.graph.run([latents[sl]]) for sl in rows_chunks(latents.shape[0], self.graph.rows)]
+        images = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return images.float().to(latents.device)
+
+
+def create_onnxruntime_backend(model, engines_dir, *, num_views, height, width, batch, device, providers=None) -> Backend:
+    reason = unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(reason)
+    if engines_dir is None:
+        raise BackendUnavailableError("the onnxruntime backend needs an export folder.", "Pass --engines DIR (made by mvz export).")
+    folder = Path(engines_dir)
+    manifest = load_checked_export(folder, model, num_views=num_views, height=height, width=width, batch=batch)
+    dev = to_device(device)
+    provider_list = select_providers(providers, dev, cache_dir=folder / "ort_trt_cache")
+    unet = OrtGraph(folder / manifest.graphs["unet"].file, provider_list, dev)
+    vae = OrtGraph(folder / manifest.graphs["vae_decoder"].file, provider_list, dev)
+    info = {"provider": unet.providers[0], "providers": unet.providers, "precision": manifest.precision,
+            "vae_precision": manifest.vae_precision, "io_binding": unet.io_binding, "export": str(folder),
+            "manifest": manifest.summary()}
+    return Backend("onnxruntime", OrtDenoiser(unet, num_views), OrtDecoder(vae), info)

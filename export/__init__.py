@@ -1,0 +1,34 @@
+"""Model (+ LoRA) -> portable ONNX: fuse, wrap, export, clean up, check parity, write a manifest.
+
+Public entry points:
+
+* :func:`export.exporter.export_model` -- the whole export of a loaded ``MultiviewModel`` into a folder;
+* :func:`export.fuse.fused_unet` / :func:`export.fuse.lora_deltas` -- LoRA fusion on a copy;
+* :class:`export.wrappers.UNetWrapper` / :class:`export.wrappers.VAEDecoderWrapper` -- tensor-only modules;
+* :func:`export.onnx_export.export_graph` -- one module to one clean, checked graph;
+* :func:`export.manifest.read_manifest` / :func:`export.manifest.check_request` -- what an export is and
+  whether it fits a request;
+* :func:`export.refit_map.build_refit_map` / :func:`export.refit_map.mapped_weights` -- TensorRT refit.
+
+``mvz`` never imports this package; this package imports ``mvz``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["export_model", "fused_unet", "read_manifest", "check_request"]
+
+
+def __getattr__(name: str):
+    if name == "export_model":
+        from export.exporter import export_model
+
+        return export_model
+    if name == "fused_unet":
+        from export.fuse import fused_unet
+
+        return fused_unet
+    if name in ("read_manifest", "check_request"):
+        from export import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(name)

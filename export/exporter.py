@@ -1,0 +1,298 @@
+"""Model (+ LoRA) -> an export folder: fused UNet and VAE decoder graphs, refit map, manifest, parity.
+
+    OUT/
+      mvz_export.json      manifest (I/O specs, hashes, precision, opset, versions, parity figures)
+      unet.onnx            (+ unet.onnx.data above 2 GB)
+      vae_decoder.onnx
+      text_encoder.onnx, text_encoder_2.onnx   (optional stage)
+      refit_map.json       LoRA-target weight -> ONNX initializer (TensorRT refit)
+      engines/             TensorRT plans, written later by ``engines.tensorrt``
+
+The folder is assembled under a temp name and renamed into place when complete, so a killed or failed
+export (parity failure, disk full) never leaves graphs under OUT that look finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    GraphEntry,
+    TensorSpec,
+    check_request,
+    library_versions,
+    lora_identity,
+    model_fingerprint,
+    now_iso,
+    read_manifest,
+    sha256_file,
+)
+from mvz.errors import InputError, ManifestMismatchError, MvzError
+
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+StageCallback = Callable[[str, str, dict], None]  # (stage, "start" | "done" | "skip", info)
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: ExportManifest
+    reused: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def vae_fp16_safe(model) -> bool:
+    """fp16 VAE only with the fp16-fix weights (the stock SDXL VAE overflows to NaN); tiny is random."""
+    vae_src = str(model.info.sources.get("vae", ""))
+    return model.info.name in ("tiny", "sdxl-lcm") or "fp16-fix" in vae_src or "fp16_fix" in vae_src
+
+
+def _stage(cb: StageCallback | None, name: str, event: str, **info) -> None:
+    if cb is not None:
+        cb(name, event, info)
+
+
+def _validate(model, num_views, height, width, batch, precision, vae_precision, opset, exporter) -> None:
+    from export.onnx_export import EXPORTERS, MIN_OPSET
+    from mvz.pipeline import validate_request
+
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be fp16 or fp32, got {precision!r}.")
+    if vae_precision not in (None, *PRECISIONS):
+        raise InputError(f"VAE precision must be fp16 or fp32, got {vae_precision!r}.")
+    if batch < 1:
+        raise InputError(f"--batch must be at least 1, got {batch}.")
+    if opset < MIN_OPSET:
+        raise InputError(f"--opset must be {MIN_OPSET} or newer, got {opset}.")
+    if exporter not in EXPORTERS:
+        raise InputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}.")
+    validate_request(["x"], 1, num_views, height, width, model.resolution_multiple)
+
+
+def _folder_state(out: Path, request: dict[str, Any], force: bool) -> ExportManifest | None:
+    """The existing manifest if OUT already holds exactly this export; refuse foreign content unless force."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise InputError(f"--out {out} is a file.", "Pass a folder path.")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return None
+    if not (out / MANIFEST_NAME).is_file():
+        if force:
+            return None
+        raise InputError(f"--out {out} is not empty and holds no mvz export.", "Pick an empty folder, or pass --force to replace it.")
+    try:
+        have = read_manifest(out)
+        check_request(have, folder=out, **{k: v for k, v in request.items() if not k.startswith("_")})
+        if have.dynamic_batch != request.get("_dynamic") or have.opset != request.get("_opset") \
+                or have.vae_precision != request.get("_vae_precision") or have.exporter != request.get("_exporter"):
+            raise ManifestMismatchError("export options differ (dynamic batch, opset, exporter or VAE precision).")
+    except MvzError as err:
+        if force:
+            return None
+        raise InputError(
+            f"--out {out} already holds another export ({err.what})", "Pick another folder, or pass --force to replace it."
+        ) from None
+    return None if force else have
+
+
+def export_model(
+    model,
+    out: str | Path,
+    *,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    num_views: int = 6,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 1,
+    precision: str = "fp16",
+    vae_precision: str | None = None,
+    opset: int = 19,
+    exporter: str = "torchscript",
+    dynamic_batch: bool = False,
+    parity: bool = True,
+    text_encoders: bool = False,
+    external_data: bool | None = None,
+    force: bool = False,
+    on_stage: StageCallback | None = None,
+) -> ExportResult:
+    """Export ``model`` (a loaded MultiviewModel, left unchanged) with an optional LoRA fused in.
+
+    ``precision`` is the UNet's; the VAE follows it when fp16 is safe for its weights (fp16-fix), else fp32
+    (override with ``vae_precision``). Static shapes unless ``dynamic_batch``. Returns the folder and its
+    manifest; ``reused`` when OUT already held exactly this export (nothing rewritten; ``force`` redoes it).
+    """
+    from export.fuse import fused_unet
+    from export.onnx_export import export_graph, graph_io
+    from export.parity import check_graph_parity
+    from export.refit_map import REFIT_MAP_NAME, build_refit_map
+    from export.wrappers import (
+        UNET_INPUTS,
+        UNET_OUTPUTS,
+        VAE_INPUTS,
+        VAE_OUTPUTS,
+        UNetWrapper,
+        VAEDecoderWrapper,
+        unet_example_inputs,
+        vae_example_inputs,
+    )
+    from mvz.atomic import atomic_dir, write_json
+
+    out = Path(out).expanduser()
+    height = height or model.info.default_resolution
+    width = width or height
+    _validate(model, num_views, height, width, batch, precision, vae_precision, opset, exporter)
+    if lora is not None and model.info.lora:
+        raise InputError("the model already carries a LoRA and another one was given.", "Load the model without --lora, or export without it.")
+    if vae_precision is None:
+        vae_precision = "fp16" if precision == "fp16" and vae_fp16_safe(model) else "fp32"
+    unet_dtype, vae_dtype = PRECISIONS[precision], PRECISIONS[vae_precision]
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    _stage(on_stage, "hash", "start")
+    lora_id = lora_identity(lora, lora_scale) if lora is not None else (
+        lora_identity(model.info.lora, model.info.lora_scale) if model.info.lora else None)
+    fingerprint = model_fingerprint(model)
+    request = {"model_fp": fingerprint, "lora": lora_id, "num_views": num_views, "height": height, "width": width,
+               "batch": batch, "precision": precision, "_dynamic": dynamic_batch, "_opset": opset,
+               "_vae_precision": vae_precision, "_exporter": exporter}
+    timings["hash_s"] = time.perf_counter() - t
+    _stage(on_stage, "hash", "done", seconds=timings["hash_s"])
+    existing = _folder_state(out, request, force)
+    if existing is not None:
+        _stage(on_stage, "export", "skip", reason=f"{out} already holds this export (use --force to redo it)")
+        return ExportResult(out, existing, reused=True, timings=timings)
+
+    rows = batch * num_views
+    f = model.vae_scale_factor
+    graphs: dict[str, GraphEntry] = {}
+    device = model.device
+
+    try:
+        with atomic_dir(out) as tmp:
+            # ---- fuse ------------------------------------------------------------------------------
+            t = time.perf_counter()
+            _stage(on_stage, "fuse", "start", lora=str(lora or model.info.lora or ""))
+            needs_copy = lora is not None or bool(getattr(model.unet, "peft_config", None)) or model.dtype != unet_dtype
+            unet = fused_unet(model.unet, lora, lora_scale, dtype=unet_dtype) if needs_copy else model.unet
+            timings["fuse_s"] = time.perf_counter() - t
+            _stage(on_stage, "fuse", "done", seconds=timings["fuse_s"])
+
+            # ---- UNet ------------------------------------------------------------------------------
+            wrapper = UNetWrapper(unet, num_views, height // f, width // f).eval()
+            args = unet_example_inputs(model, unet_dtype, rows, height, width, device=device)
+            graphs["unet"] = _export_one(
+                "unet", wrapper, args, tmp, UNET_INPUTS, UNET_OUTPUTS, precision, opset, exporter, dynamic_batch,
+                [n for n in UNET_INPUTS if n != "timestep"], external_data, parity, on_stage, timings,
+                export_graph, graph_io, check_graph_parity, device,
+            )
+            t = time.perf_counter()
+            _stage(on_stage, "refit map", "start")
+            refit = build_refit_map(tmp / "unet.onnx", unet)
+            write_json(tmp / REFIT_MAP_NAME, refit)
+            timings["refit_map_s"] = time.perf_counter() - t
+            _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
+                   shared=len(refit["shared"]), seconds=timings["refit_map_s"])
+            del wrapper, args
+            if unet is not model.unet:
+                del unet
+
+            # ---- VAE decoder -----------------------------------------------------------------------
+            vae = model.vae
+            if next(vae.parameters()).dtype != vae_dtype:
+                vae = copy.deepcopy(model.vae).to(vae_dtype)
+            vwrap = VAEDecoderWrapper(vae).eval()
+            vargs = vae_example_inputs(model, vae_dtype, rows, height, width, device=device)
+            graphs["vae_decoder"] = _export_one(
+                "vae_decoder", vwrap, vargs, tmp, VAE_INPUTS, VAE_OUTPUTS, vae_precision, opset, exporter,
+                dynamic_batch, list(VAE_INPUTS), external_data, parity, on_stage, timings,
+                export_graph, graph_io, check_graph_parity, device,
+            )
+            del vwrap, vae
+
+            # ---- text encoders (optional) ----------------------------------------------------------
+            if text_encoders:
+                from export.wrappers import TextEncoderWrapper
+
+                for name, enc in (("text_encoder", model.text_encoder), ("text_encoder_2", model.text_encoder_2)):
+                    tw = TextEncoderWrapper(enc).eval()
+                    ids = torch.randint(0, int(enc.config.vocab_size), (batch, 77), generator=torch.Generator("cpu").manual_seed(3))
+                    outs = ("hidden_states", "text_embeds") if tw.with_projection else ("hidden_states",)
+                    te_prec = "fp16" if next(enc.parameters()).dtype == torch.float16 else "fp32"
+                    graphs[name] = _export_one(
+                        name, _FirstOutput(tw), (ids.to(device),), tmp, ("input_ids",), outs, te_prec, opset, exporter,
+                        dynamic_batch, ["input_ids"], external_data, parity, on_stage, timings,
+                        export_graph, graph_io, check_graph_parity, device, full_module=tw,
+                    )
+
+            manifest = ExportManifest(
+                model={"name": model.info.name, "fingerprint": fingerprint, "sources": dict(model.info.sources),
+                       "random_weights": bool(model.info.random_weights)},
+                lora=lora_id, num_views=num_views, height=height, width=width, batch=batch,
+                dynamic_batch=dynamic_batch, precision=precision, vae_precision=vae_precision, opset=opset,
+                exporter=exporter, graphs=graphs, versions=library_versions(), refit_map=REFIT_MAP_NAME,
+                created=now_iso(),
+            )
+            manifest.save(tmp)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MvzError(
+                f"out of disk space while exporting to {out}; nothing was written there.",
+                "Free space (the SDXL UNet needs about 6 GB in fp16, 12 GB in fp32) and run again.",
+            ) from None
+        raise
+    return ExportResult(out, manifest, reused=False, timings=timings)
+
+
+class _FirstOutput(torch.nn.Module):
+    """Parity helper: the first output of a multi-output module."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)[0]
+
+
+def _export_one(name, module, args, folder, input_names, output_names, precision, opset, exporter, dynamic_batch,
+                batch_inputs, external_data, parity, on_stage, timings, export_graph, graph_io, check_graph_parity,
+                device, full_module=None) -> GraphEntry:
+    path = folder / f"{name}.onnx"
+    t = time.perf_counter()
+    _stage(on_stage, f"{name}: export", "start", precision=precision, opset=opset, exporter=exporter)
+    saved = export_graph(full_module or module, args, path, input_names, output_names, opset=opset, exporter=exporter,
+                         dynamic_batch=dynamic_batch, batch_inputs=batch_inputs, external_data=external_data)
+    timings[f"{name}_export_s"] = time.perf_counter() - t
+    _stage(on_stage, f"{name}: export", "done", bytes=saved.bytes, nodes=saved.num_nodes, seconds=timings[f"{name}_export_s"])
+    figures: dict[str, Any] = {"status": "skipped", "reason": "parity check disabled"}
+    if parity:
+        t = time.perf_counter()
+        _stage(on_stage, f"{name}: parity", "start")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.device(device).type == "cuda" else None
+        if providers:
+            import onnxruntime as ort
+
+            providers = [p for p in providers if p in ort.get_available_providers()]
+        figures = check_graph_parity(path, module, args, input_names, precision, providers=providers, label=name)
+        timings[f"{name}_parity_s"] = time.perf_counter() - t
+        _stage(on_stage, f"{name}: parity", "done", seconds=timings[f"{name}_parity_s"], **figures)
+    inputs, outputs = graph_io(path)
+    return GraphEntry(
+        file=path.name, external_data=saved.external_data.name if saved.external_data else None,
+        sha256=sha256_file(path), bytes=saved.bytes, inputs=[TensorSpec(**i) for i in inputs],
+        outputs=[TensorSpec(**o) for o in outputs], precision=precision, parity=figures,
+    )

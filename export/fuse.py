@@ -1,0 +1,136 @@
+"""LoRA fusion into the base weights: W' = W + scale · (alpha / r) · B @ A, on a copy of the UNet.
+
+Two sources:
+
+* a LoRA file in the upstream PEFT layout (``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight``
+  (out, r)); checked strictly against the UNet's LoRA target modules (``mvz.models.lora.LORA_TARGETS``);
+* a UNet that already carries PEFT LoRA layers (``load_model(..., lora=...)``): merged with PEFT's own
+  ``merge()`` and unwrapped to plain ``nn.Linear`` layers.
+
+The caller's UNet is never modified: fusion works on a deep copy (its MV processors share one copied
+``MVSettings``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mvz.errors import CheckpointError, summarize_keys
+from mvz.models.lora import LORA_TARGETS, has_lora, read_lora_file
+
+
+def lora_target_modules(unet: nn.Module) -> dict[str, nn.Linear]:
+    """Module path -> Linear for every module a LoRA of the upstream config targets (PEFT matches whole
+    trailing name parts, so ``to_q`` does not match ``to_q_mv``)."""
+    out = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
+            out[name] = module
+    return out
+
+
+def lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``{'<module>.weight': scale · (alpha/r) · B @ A}`` in float32, checked strictly against the UNet."""
+    sd, rank, alpha = read_lora_file(lora_path)
+    alpha = float(rank if alpha is None else alpha)
+    targets = lora_target_modules(unet)
+    modules_in_file = {k.rsplit(".lora_", 1)[0] for k in sd}
+    missing = set(targets) - modules_in_file
+    unexpected = modules_in_file - set(targets)
+    unpaired = [m for m in modules_in_file if f"{m}.lora_A.weight" not in sd or f"{m}.lora_B.weight" not in sd]
+    bad_shape = []
+    for m in sorted(modules_in_file & set(targets)):
+        if m in unpaired:
+            continue
+        a, b, lin = sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"], targets[m]
+        if a.shape != (rank, lin.in_features) or b.shape != (lin.out_features, rank):
+            bad_shape.append(f"{m}: A{tuple(a.shape)} B{tuple(b.shape)} vs Linear({lin.in_features}->{lin.out_features})")
+    if missing or unexpected or unpaired or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} target modules without LoRA weights ({summarize_keys(missing, 2)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} modules not in this UNet ({summarize_keys(unexpected, 2)})")
+        if unpaired:
+            parts.append(f"{len(unpaired)} without both lora_A and lora_B ({summarize_keys(unpaired, 2)})")
+        if bad_shape:
+            parts.append(f"{len(bad_shape)} with wrong shapes (e.g. {bad_shape[0]})")
+        raise CheckpointError(
+            f"LoRA {lora_path} does not fit this model: " + "; ".join(parts) + ".",
+            "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).",
+        )
+    factor = float(scale) * alpha / rank
+    return {
+        f"{m}.weight": factor * (sd[f"{m}.lora_B.weight"].float() @ sd[f"{m}.lora_A.weight"].float())
+        for m in sorted(targets)
+    }
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def merge_peft_layers(unet: nn.Module) -> list[str]:
+    """Merge every PEFT LoRA layer of ``unet`` (in place) and unwrap it to its base layer. Returns the
+    merged module paths."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = []
+    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
+        layer.merge()
+        _set_submodule(unet, name, layer.get_base_layer())
+        merged.append(name)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(unet, attr):
+            try:
+                delattr(unet, attr)
+            except AttributeError:
+                setattr(unet, attr, None if attr == "peft_config" else False)
+    return merged
+
+
+def fused_unet(
+    unet: nn.Module, lora_path: str | Path | None = None, scale: float = 1.0, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A copy of ``unet`` with its LoRA (attached PEFT layers and/or ``lora_path``) fused into the base
+    weights, in ``dtype`` (default: the UNet's). Fusion arithmetic is float32. ``unet`` is left unchanged."""
+    work = copy.deepcopy(unet)
+    if has_lora(work):
+        orig = next(work.parameters()).dtype
+        work.float()
+        merge_peft_layers(work)
+        work.to(orig)
+    if lora_path is not None:
+        deltas = lora_deltas(work, lora_path, scale)
+        params = dict(work.named_parameters())
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                p = params[name]
+                p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
+    if dtype is not None:
+        work.to(dtype)
+    work.eval().requires_grad_(False)
+    return work
+
+
+def changed_weights(base: nn.Module, fused: nn.Module, atol: float = 0.0) -> list[str]:
+    """Names of parameters that differ between two UNets of the same architecture."""
+    b = dict(base.named_parameters())
+    out = []
+    for name, p in fused.named_parameters():
+        q = b.get(name)
+        if q is None or q.shape != p.shape or not torch.allclose(q.float(), p.float(), atol=atol, rtol=0):
+            out.append(name)
+    return sorted(out)

@@ -1,0 +1,109 @@
+"""Export-time parity: the graph run by ONNX Runtime against the PyTorch module on the same random inputs.
+
+Figures (on float64 copies of the outputs):
+
+* ``max_rel_err`` / ``median_rel_err``: ``|onnx - torch| / rms(torch)`` elementwise, max and median (the
+  RMS normalisation keeps near-zero reference values from blowing the ratio up);
+* ``max_abs_err``; ``cosine``: cosine similarity of the flattened outputs.
+
+A figure above tolerance raises :class:`ParityError` (the export is then not written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mvz.errors import MvzError
+
+# per precision: (max_rel_err, median_rel_err, min cosine)
+TOLERANCES: dict[str, tuple[float, float, float]] = {
+    "fp32": (1e-3, 1e-4, 0.999999),
+    "fp16": (5e-2, 5e-3, 0.9995),
+}
+
+
+class ParityError(MvzError):
+    """An exported graph does not reproduce its PyTorch module within tolerance."""
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    out = np.asarray(candidate, dtype=np.float64).ravel()
+    if ref.shape != out.shape:
+        raise ValueError(f"shape mismatch {ref.shape} vs {out.shape}")
+    diff = np.abs(out - ref)
+    rms = float(np.sqrt(np.mean(ref**2))) or 1.0
+    rel = diff / rms
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(out))
+    cosine = float(np.dot(ref, out) / denom) if denom > 0 else (1.0 if not diff.any() else 0.0)
+    return {
+        "max_abs_err": float(diff.max(initial=0.0)),
+        "max_rel_err": float(rel.max(initial=0.0)),
+        "median_rel_err": float(np.median(rel)) if rel.size else 0.0,
+        "cosine": cosine,
+        "finite": bool(np.isfinite(out).all()),
+    }
+
+
+def within(stats: dict[str, float], precision: str, tolerances: tuple[float, float, float] | None = None) -> bool:
+    max_rel, med_rel, cos = tolerances or TOLERANCES[precision]
+    return bool(stats["finite"] and stats["max_rel_err"] <= max_rel and stats["median_rel_err"] <= med_rel and stats["cosine"] >= cos)
+
+
+def ort_session(path: str | Path, providers: Sequence[str] | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: fp16 graphs on the CPU EP warn about unfoldable nodes
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def run_onnx(path: str | Path, feeds: dict[str, np.ndarray], providers: Sequence[str] | None = None) -> list[np.ndarray]:
+    sess = ort_session(path, providers)
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def check_graph_parity(
+    path: str | Path,
+    module,
+    args: tuple,
+    input_names: Sequence[str],
+    precision: str,
+    *,
+    providers: Sequence[str] | None = None,
+    raise_on_fail: bool = True,
+    label: str = "graph",
+) -> dict[str, Any]:
+    """Run ``module(*args)`` and the graph on the same inputs; return the figures (``status``: pass,
+    fail or skipped with a reason when ORT lacks kernels for this precision on these providers)."""
+    import torch
+
+    with torch.inference_mode():
+        ref = module(*args)
+    ref_np = ref.detach().float().cpu().numpy()
+    feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args, strict=True)}
+    try:
+        out = run_onnx(path, feeds, providers)[0]
+    except Exception as exc:  # ORT: NOT_IMPLEMENTED for fp16 kernels on CPU and friends
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if precision == "fp16":
+            return {"status": "skipped", "reason": f"ONNX Runtime could not run the fp16 graph here: {msg}"}
+        raise
+    stats = compare(ref_np, out)
+    tol = TOLERANCES[precision]
+    stats.update({"status": "pass" if within(stats, precision) else "fail", "precision": precision,
+                  "tolerance": {"max_rel_err": tol[0], "median_rel_err": tol[1], "cosine": tol[2]},
+                  "providers": list(providers or ["CPUExecutionProvider"])})
+    if stats["status"] == "fail" and raise_on_fail:
+        raise ParityError(
+            f"{label} ONNX graph deviates from PyTorch: max rel err {stats['max_rel_err']:.3g} "
+            f"(tol {tol[0]:g}), median {stats['median_rel_err']:.3g} (tol {tol[1]:g}), cosine {stats['cosine']:.6f} "
+            f"(min {tol[2]}), finite={stats['finite']}.",
+            "The export was not kept; try --precision fp32, or report this with the model and LoRA used.",
+        )
+    return stats

@@ -1,0 +1,124 @@
+"""Tensor-only modules with the Denoiser / Decoder signatures, ready for tracing.
+
+* :class:`UNetWrapper`: ``eps = f(sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond,
+  cam_0..cam_3)``. The camera residuals are graph inputs (the T2I-Adapter stays outside: its outputs are
+  constants per camera set). The number of views and the latent size are baked in (the MV processors read
+  them from their ``MVSettings`` at trace time); the batch axis stays symbolic because every reshape in
+  ``mvz.models.attention`` keeps it as -1. ``timestep`` is float32 ``[1]``; every other tensor is in the
+  export precision.
+* :class:`VAEDecoderWrapper`: ``images[N,3,H,W] float32 in [0,1] = f(latents)``, the scaling factor and
+  the ``/2 + 0.5`` clamp included (exactly ``MultiviewModel.decode_latents``).
+* :class:`TextEncoderWrapper`: ``(hidden_states[-2], pooled or None) = f(input_ids)`` (optional stage).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mvz.models.attention import MVRowAttnProcessor
+
+UNET_INPUTS = (
+    "sample", "timestep", "prompt_embeds", "text_embeds", "time_ids", "timestep_cond",
+    "cam_0", "cam_1", "cam_2", "cam_3",
+)
+UNET_OUTPUTS = ("eps",)
+VAE_INPUTS = ("latents",)
+VAE_OUTPUTS = ("images",)
+
+
+def mv_settings_of(unet: nn.Module) -> list:
+    """The distinct MVSettings objects the UNet's MV processors read."""
+    seen = {}
+    for module in unet.modules():
+        if isinstance(module, MVRowAttnProcessor):
+            seen[id(module.settings)] = module.settings
+    return list(seen.values())
+
+
+class UNetWrapper(nn.Module):
+    def __init__(self, unet: nn.Module, num_views: int, latent_height: int, latent_width: int, mv_scale: float = 1.0):
+        super().__init__()
+        self.unet = unet
+        self.num_views = int(num_views)
+        self.latent_height = int(latent_height)
+        self.latent_width = int(latent_width)
+        self.mv_scale = float(mv_scale)
+
+    def apply_settings(self) -> None:
+        for s in mv_settings_of(self.unet):
+            s.num_views = self.num_views
+            s.latent_height, s.latent_width = self.latent_height, self.latent_width
+            s.mv_scale = self.mv_scale
+
+    def forward(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
+        self.apply_settings()
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=prompt_embeds,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3],
+            return_dict=False,
+        )[0]
+
+
+class VAEDecoderWrapper(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class TextEncoderWrapper(nn.Module):
+    """CLIP text encoder -> (penultimate hidden states, pooled projection if it has one)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.with_projection = hasattr(encoder, "text_projection")
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2]
+        if self.with_projection:
+            return hidden, out.text_embeds
+        return (hidden,)
+
+
+def unet_example_inputs(model, unet_dtype: torch.dtype, rows: int, height: int, width: int, seed: int = 0,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Random but realistic UNet inputs for tracing and parity: [rows, ...] each, float32 timestep."""
+    from mvz.models.cameras import CameraSet
+    from mvz.scheduler import guidance_embedding
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    f = model.vae_scale_factor
+    h, w = height // f, width // f
+    ctx_dim = int(model.unet.config.cross_attention_dim)
+    text_dim = int(model.text_encoder_2.config.projection_dim)
+    cams = [tuple(r.shape[1:]) for r in model.camera_residuals(CameraSet.default(), height, width)]
+    gdim = model.guidance_dim or 1
+    t = [
+        torch.randn(rows, model.latent_channels, h, w, generator=g),
+        torch.tensor([499.0]),
+        torch.randn(rows, 77, ctx_dim, generator=g),
+        torch.randn(rows, text_dim, generator=g),
+        torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(rows, -1).contiguous(),
+        guidance_embedding(6.0, gdim, batch=rows).float() if model.guidance_dim else torch.zeros(rows, 1),
+        *[0.5 * torch.randn(rows, *s, generator=g) for s in cams],
+    ]
+    return tuple(x.to(device=device, dtype=torch.float32 if i == 1 else unet_dtype) for i, x in enumerate(t))
+
+
+def vae_example_inputs(model, vae_dtype: torch.dtype, rows: int, height: int, width: int, seed: int = 1,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor]:
+    g = torch.Generator("cpu").manual_seed(seed)
+    f = model.vae_scale_factor
+    z = torch.randn(rows, model.latent_channels, height // f, width // f, generator=g)
+    return (z.to(device=device, dtype=vae_dtype),)

@@ -1,0 +1,148 @@
+"""``mvz export``: model (+ LoRA) -> ONNX graphs with a manifest -> TensorRT engines where TensorRT exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_cmd(
+        out: Path = typer.Option(..., "--out", help="Export folder (graphs, manifest, engines/)."),
+        model: str = typer.Option("tiny", "--model", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
+        lora: Path | None = typer.Option(None, "--lora", help="LoRA file (upstream PEFT layout) to fuse into the UNet."),
+        lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength fused into the weights."),
+        precision: str = typer.Option("fp16", "--precision", help="fp16 (TensorRT needs it: strongly typed) or fp32."),
+        vae_precision: str | None = typer.Option(None, "--vae-precision", help="fp16|fp32; default fp16 only for fp16-fix/tiny VAEs."),
+        views: int = typer.Option(6, "--views", help="Views per prompt (baked into the graphs)."),
+        resolution: int | None = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's)."),
+        batch: int = typer.Option(1, "--batch", help="Prompts per call (the UNet sees batch x views rows)."),
+        dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Symbolic batch axis (static is faster for engines)."),
+        onnx_only: bool = typer.Option(False, "--onnx-only", help="Stop after the ONNX graphs; build no engines."),
+        refittable: bool = typer.Option(False, "--refittable", help="Build refittable engines (switch LoRAs without a rebuild)."),
+        timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file, read and updated."),
+        workspace_gb: float = typer.Option(8.0, "--workspace", help="TensorRT builder workspace in GiB."),
+        opt_level: int = typer.Option(3, "--opt-level", help="TensorRT builder optimisation level 0-5."),
+        opset: int = typer.Option(19, "--opset", help="ONNX opset (19 or newer)."),
+        exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (dynamo=False) or dynamo."),
+        text_encoders: bool = typer.Option(False, "--text-encoders", help="Also export both text encoders."),
+        skip_parity: bool = typer.Option(False, "--skip-parity", help="Skip the ONNX Runtime vs PyTorch parity check."),
+        device: str = typer.Option("auto", "--device", help="Device to trace on: auto, cpu, cuda, cuda:N."),
+        force: bool = typer.Option(False, "--force", help="Replace whatever OUT holds."),
+        json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+    ) -> None:
+        """Fuse a LoRA, export the UNet and VAE decoder to ONNX (manifest + parity), build TensorRT engines."""
+        run_export(**locals())
+
+
+def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views, resolution, batch, dynamic_batch,
+               onnx_only, refittable, timing_cache, workspace_gb, opt_level, opset, exporter, text_encoders,
+               skip_parity, device, force, json_out) -> None:
+    import json
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mvz.errors import InputError
+
+    console = Console(stderr=json_out, width=None if sys.stdout.isatty() else 140)
+    if precision not in ("fp16", "fp32"):
+        raise InputError(f"--precision must be fp16 or fp32, got {precision!r}.")
+    if lora is not None and not lora.is_file():
+        raise InputError(f"--lora {lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
+    if not 0 <= opt_level <= 5:
+        raise InputError(f"--opt-level must be 0..5, got {opt_level}.")
+
+    from export.exporter import export_model
+    from mvz.models.loading import load_model, resolve_device
+
+    dev = resolve_device(device)
+    dtype = "fp16" if precision == "fp16" and dev.type == "cuda" else "fp32"
+    stages: list[tuple[str, str, float | None]] = []
+    t0 = time.perf_counter()
+
+    with console.status("loading model...") as status:
+        mv = load_model(model, device=dev, dtype=dtype)
+        resolution = resolution or mv.info.default_resolution
+
+        def on_stage(stage: str, event: str, info: dict) -> None:
+            if event == "start":
+                status.update(f"{stage}...")
+            elif event == "done":
+                extra = ""
+                if "status" in info:
+                    extra = f"  parity {info['status']}" + (
+                        f" (max rel {info['max_rel_err']:.2e}, cos {info['cosine']:.6f})" if "max_rel_err" in info else "")
+                if "mapped" in info:
+                    extra = f"  {info['mapped']} weights mapped, {info['unmapped']} unmapped, {info['shared']} shared"
+                console.print(f"[green]done[/] {stage}{extra}  [dim]{info.get('seconds', 0):.1f}s[/]")
+                stages.append((stage, "done", info.get("seconds")))
+            elif event == "skip":
+                console.print(f"[yellow]skip[/] {stage}: {info.get('reason', '')}")
+                stages.append((stage, "skip", None))
+
+        result = export_model(
+            mv, out, lora=lora, lora_scale=lora_scale, num_views=views, height=resolution, width=resolution,
+            batch=batch, precision=precision, vae_precision=vae_precision, opset=opset, exporter=exporter,
+            dynamic_batch=dynamic_batch, parity=not skip_parity, text_encoders=text_encoders, force=force,
+            on_stage=on_stage,
+        )
+
+        engines_note = None
+        engine_manifest = None
+        if onnx_only:
+            engines_note = "skipped (--onnx-only)"
+        else:
+            from engines.tensorrt_backend import build_engines, unavailable_reason
+
+            reason = unavailable_reason(need_builder=True)
+            if reason:
+                engines_note = f"not built: {reason} The ONNX export is complete and runs with --backend onnxruntime."
+            else:
+                engine_manifest = build_engines(
+                    result.folder, workspace_bytes=int(workspace_gb * (1 << 30)), opt_level=opt_level,
+                    refittable=refittable, timing_cache=timing_cache, force=force, on_stage=on_stage,
+                )
+
+    m = result.manifest
+    table = Table(title=f"mvz export -> {result.folder}" + ("  (already up to date)" if result.reused else ""))
+    for col in ("graph", "precision", "size", "max rel err", "median rel err", "cosine", "parity", "export s"):
+        table.add_column(col, justify="right" if col not in ("graph", "parity") else "left")
+    for name, g in m.graphs.items():
+        p = g.parity
+        secs = result.timings.get(f"{name}_export_s")
+        table.add_row(name, g.precision, _size(g.bytes), _fmt(p, "max_rel_err", "{:.2e}"), _fmt(p, "median_rel_err", "{:.2e}"),
+                      _fmt(p, "cosine", "{:.6f}"), p.get("status", "-"), f"{secs:.1f}" if secs else "-")
+    if engine_manifest is not None:
+        for name, e in engine_manifest.engines.items():
+            table.add_row(f"{name} (TensorRT {engine_manifest.tensorrt})", m.graphs[name].precision, _size(e.bytes),
+                          "-", "-", "-", "refittable" if e.refittable else "-", f"{e.build_seconds:.1f}")
+    console.print(table)
+    summary = m.summary()
+    console.print(
+        f"model {summary['model']}, LoRA {summary['lora'] or 'none'}, {m.num_views} views, {m.width}x{m.height}, "
+        f"batch {m.batch}{' (dynamic)' if m.dynamic_batch else ''}, opset {m.opset}, exporter {m.exporter}; "
+        f"total {time.perf_counter() - t0:.1f}s"
+    )
+    if engines_note:
+        console.print(f"TensorRT engines: {engines_note}")
+    if json_out:
+        payload = {"folder": str(result.folder), "reused": result.reused, "manifest": summary,
+                   "parity": {k: g.parity for k, g in m.graphs.items()}, "engines": engines_note or "built"}
+        typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def _fmt(figures: dict, key: str, spec: str) -> str:
+    return spec.format(figures[key]) if key in figures else "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,178 @@
+"""Backends: ONNX Runtime images agree with torch; manifest checks; torch variants; TensorRT (skipped here)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from engines import BACKENDS, available_backends, create_backend  # noqa: E402
+from export.exporter import export_model  # noqa: E402
+from mvz.errors import BackendUnavailableError, InputError, ManifestMismatchError  # noqa: E402
+
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    from mvz.models.loading import load_model
+
+    return load_model("tiny", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def fp32_export(model, tmp_path_factory):
+    # same folder and request as tests/test_export.py: whichever runs second reuses the export
+    return export_model(model, tmp_path_factory.getbasetemp() / "shared_tiny_fp32", precision="fp32", height=RES)
+
+
+def _has_tensorrt() -> str | None:
+    from engines.tensorrt_backend import unavailable_reason
+
+    return unavailable_reason(need_builder=True)
+
+
+def test_available_backends_lists_every_backend_with_reasons():
+    av = available_backends()
+    assert set(av) == set(BACKENDS)
+    assert av["torch"] is None and av["onnxruntime"] is None
+    if not torch.cuda.is_available():
+        assert av["torch-cudagraph"] and av["tensorrt"]
+
+
+def test_onnxruntime_images_agree_with_torch(model, fp32_export):
+    from mvz.pipeline import MultiviewPipeline
+
+    backend = create_backend("onnxruntime", model, engines_dir=fp32_export.folder, num_views=6, height=RES, width=RES,
+                             batch=1, device="cpu")
+    assert backend.name == "onnxruntime" and backend.info["provider"] == "CPUExecutionProvider"
+    assert backend.info["manifest"]["precision"] == "fp32"
+    ref = MultiviewPipeline(model).sample(["a red chair"], [3], steps=4)
+    out = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder).sample(["a red chair"], [3], steps=4)
+    assert out.images.shape == ref.images.shape == (1, 6, 3, RES, RES)
+    # stated tolerance for fp32 ORT vs torch: 1e-3 max abs on [0,1] pixels
+    assert (out.images - ref.images).abs().max() < 1e-3
+
+
+def test_export_that_does_not_fit_is_refused(model, fp32_export, tmp_path):
+    kw = {"engines_dir": fp32_export.folder, "device": "cpu", "height": RES, "width": RES}
+    with pytest.raises(ManifestMismatchError, match="views 6 != 4"):
+        create_backend("onnxruntime", model, num_views=4, batch=1, **kw)
+    with pytest.raises(ManifestMismatchError, match="batch"):
+        create_backend("onnxruntime", model, num_views=6, batch=2, **kw)
+    with pytest.raises(ManifestMismatchError, match="resolution"):
+        create_backend("onnxruntime", model, num_views=6, batch=1, engines_dir=fp32_export.folder, device="cpu", height=128, width=128)
+    # a model that carries a LoRA against a LoRA-free export
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"x")
+    m2 = copy.copy(model)
+    m2.info = copy.copy(model.info)
+    m2.info.lora, m2.info.lora_scale = str(lora), 1.0
+    with pytest.raises(ManifestMismatchError, match="LoRA"):
+        create_backend("onnxruntime", m2, num_views=6, batch=1, **kw)
+    with pytest.raises(Exception, match="holds no mvz export|does not exist"):
+        create_backend("onnxruntime", model, num_views=6, batch=1, engines_dir=tmp_path, device="cpu", height=RES, width=RES)
+
+
+def test_unavailable_backends_say_why(model):
+    with pytest.raises(InputError, match="unknown backend"):
+        create_backend("nope", model, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            create_backend("torch-cudagraph", model, device="cpu")
+    if _has_tensorrt():
+        with pytest.raises(BackendUnavailableError, match="TensorRT"):
+            create_backend("tensorrt", model, engines_dir="x", height=RES, device="cpu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from engines.onnxruntime_backend import select_providers
+
+        with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+            select_providers("cuda", torch.device("cpu"))
+
+
+def test_fused_qkv_matches_the_unfused_unet(model):
+    from engines.torch_backend import FusedQKVMVProcessor, fuse_qkv, unfuse_qkv
+    from export.wrappers import UNetWrapper, unet_example_inputs
+
+    unet = copy.deepcopy(model.unet)
+    args = unet_example_inputs(model, torch.float32, 6, RES, RES)
+    wrap = UNetWrapper(unet, 6, RES // 8, RES // 8)
+    with torch.no_grad():
+        ref = wrap(*args)
+        n = fuse_qkv(unet)
+        assert n > 0 and sum(isinstance(p, FusedQKVMVProcessor) for p in unet.attn_processors.values()) == n
+        fused = wrap(*args)
+        # the fused processor really runs: perturbing its weight changes the output
+        proc = next(p for p in unet.attn_processors.values() if isinstance(p, FusedQKVMVProcessor))
+        proc.qkv.weight.mul_(1.5)
+        assert (wrap(*args) - fused).abs().max() > 1e-4
+        proc.qkv.weight.div_(1.5)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    assert unfuse_qkv(unet) == n
+
+
+def test_torch_backends_build(model):
+    b = create_backend("torch", model, device="cpu", height=RES)
+    assert b.name == "torch" and callable(b.denoiser) and callable(b.decoder)
+
+
+@pytest.mark.gpu
+def test_cudagraph_backend_matches_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mvz.models.loading import load_model
+    from mvz.pipeline import MultiviewPipeline
+
+    m = load_model("tiny", device="cuda", dtype="fp16")
+    ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
+    b = create_backend("torch-cudagraph", m, device="cuda", height=RES)
+    out = MultiviewPipeline(m, denoiser=b.denoiser, decoder=b.decoder).sample(["a chair"], [0], steps=4).images
+    assert (out - ref).abs().max() < 2e-2
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_build_run_and_refit(tmp_path):
+    reason = _has_tensorrt()
+    if reason:
+        pytest.skip(reason)
+    from engines.tensorrt_backend import build_engines
+    from mvz.models.loading import load_model
+    from mvz.pipeline import MultiviewPipeline
+
+    m = load_model("tiny", device="cuda", dtype="fp16")
+    exp = export_model(m, tmp_path / "fp16", precision="fp16", height=RES)
+    em = build_engines(exp.folder, refittable=True, timing_cache=tmp_path / "timing.cache")
+    assert set(em.engines) == {"unet", "vae_decoder"} and (tmp_path / "timing.cache").is_file()
+    again = build_engines(exp.folder, refittable=True, timing_cache=tmp_path / "timing.cache")
+    assert again.engines["unet"].build_seconds == em.engines["unet"].build_seconds  # reused, not rebuilt
+    trt_b = create_backend("tensorrt", m, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1, device="cuda")
+    ort_b = create_backend("onnxruntime", m, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1,
+                           device="cuda", providers="cuda") if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers() else None
+    ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
+    out = MultiviewPipeline(m, denoiser=trt_b.denoiser, decoder=trt_b.decoder).sample(["a chair"], [0], steps=4).images
+    assert (out - ref).abs().max() < 5e-2
+    if ort_b is not None:
+        o2 = MultiviewPipeline(m, denoiser=ort_b.denoiser, decoder=ort_b.decoder).sample(["a chair"], [0], steps=4).images
+        assert (o2 - out).abs().max() < 5e-2
+    # LoRA switch by refit: the base (refittable) engines serve a model that carries a LoRA
+    from mvz.models.lora import add_lora, save_lora
+
+    unet = copy.deepcopy(m.unet).float()
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora = save_lora(unet, tmp_path / "lora.safetensors")
+    ml = load_model("tiny", device="cuda", dtype="fp16", lora=str(lora))
+    trt_l = create_backend("tensorrt", ml, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1, device="cuda")
+    assert trt_l.info["refit"]["weights"] > 0
+    ref_l = MultiviewPipeline(ml).sample(["a chair"], [0], steps=4).images
+    out_l = MultiviewPipeline(ml, denoiser=trt_l.denoiser, decoder=trt_l.decoder).sample(["a chair"], [0], steps=4).images
+    assert (out_l - ref_l).abs().max() < 5e-2 and (ref_l - ref).abs().max() > 1e-3
