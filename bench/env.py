@@ -13,14 +13,19 @@ import torch
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, from reference/deployment.md §6 where given there
 # (RTX 4090, H100, H200); the others from the vendors' data sheets. fp16/bf16 assume fp32 accumulation,
 # as torch, cuBLAS and TensorRT use by default. Override with --peak-tflops.
+_H100_SXM = {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9}  # H200: same compute, more bandwidth
+_H100_PCIE = {"fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "fp32": 51.2}
+# matched as substrings of the device name, the longest entry first ("H100 80GB HBM3" is the SXM part's
+# name; "L40S" before "L40" before "L4")
 GPU_PEAKS_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100 SXM": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100 80GB HBM3": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100 PCIe": {"fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
-    "H100": {"fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H200": _H100_SXM,
+    "H100 SXM": _H100_SXM,
+    "H100 80GB HBM3": _H100_SXM,
+    "H100 PCIe": _H100_PCIE,
+    "H100": _H100_PCIE,
     "A100": {"fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "L40S": {"fp16": 362.1, "bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"fp16": 181.0, "bf16": 181.0, "tf32": 90.5, "fp32": 90.5},
     "RTX 4090": {"fp16": 165.2, "bf16": 165.2, "tf32": 82.6, "fp32": 82.6},
     "RTX 6000 Ada": {"fp16": 364.2, "bf16": 364.2, "tf32": 182.1, "fp32": 91.1},
     "A10G": {"fp16": 70.0, "bf16": 70.0, "tf32": 35.0, "fp32": 31.2},

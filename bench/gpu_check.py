@@ -120,6 +120,7 @@ def summarize(report: dict, train: dict | None) -> dict:
             "unet_gap_x": unet_job / floor["unet"] if floor.get("unet") else None,
             "unet_fraction_of_peak": comp.get("achieved", {}).get(name, {}).get("unet_fraction"),
             "peak_memory_mb": lat["peak_memory"].get("torch_peak_allocated_mb"),
+            "device_used_mb": lat["peak_memory"].get("device_used_mb"),
         }
     return {"device": report["environment"].get("gpu", {}).get("name") or report["environment"].get("cpu"),
             "peak_tflops": comp.get("peak_tflops"), "backends": rows,

@@ -57,9 +57,10 @@ def measure_latency(
     per_run: dict[str, list[float]] = {k: [] for k in STAGES}
     per_step: list[list[float]] = [[] for _ in range(steps)]
     total = warmup + runs
+    rss_reset = False
     for i in range(total):
         if i == warmup:
-            peak_memory_reset(device)
+            rss_reset = peak_memory_reset(device)
         timer.sync()
         t0 = time.perf_counter()
         with timed_model_stages(model, timer):
@@ -92,7 +93,7 @@ def measure_latency(
         "stages": stages,
         "unet_step_median_ms_by_index": [summarize_times(s)["median_ms"] for s in per_step if s],
         "throughput_sets_per_s": len(prompts) / e2e if e2e > 0 else None,
-        "peak_memory": peak_memory_mb(device),
+        "peak_memory": peak_memory_mb(device, rss_reset),
         "warmup_runs": warmup,
         "timed_runs": runs,
         "timer": "cuda events on the backend stream" if timer.cuda else "time.perf_counter",

@@ -109,10 +109,12 @@ def summarize_quality(scores: dict[str, dict[str, dict[str, list]]], order: Sequ
     for var in order:
         section["variants"][var] = {}
         for rname, s in scores[var].items():
-            flat_views = [x for row in s["per_view"] for x in row]
             entry = {"per_set": mean_ci(s["per_set"]), "values_per_set": s["per_set"]}
             if s["per_view"]:
-                entry["per_view"] = mean_ci(flat_views)
+                # the views of one set share a prompt and a seed, so they are not independent samples: the
+                # interval is over the sets (each set's view mean), not over all B*V views (too narrow)
+                entry["per_view"] = mean_ci([sum(row) / len(row) for row in s["per_view"]])
+                entry["per_view"]["views"] = sum(len(row) for row in s["per_view"])
                 entry["values_per_view"] = s["per_view"]
                 views = len(s["per_view"][0])
                 entry["per_view_index_mean"] = [mean_ci([row[j] for row in s["per_view"]])["mean"] for j in range(views)]

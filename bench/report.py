@@ -164,8 +164,7 @@ def render_markdown(report: dict) -> str:
                         [[n, *(_f(lat["backends"][n]["stages"]["end_to_end"][k], 2) for k in ("median_ms", "p90_ms", "p99_ms", "min_ms")),
                           str(lat["backends"][n]["stages"]["end_to_end"]["n"]),
                           _f(lat["backends"][n].get("ratios_vs_baseline", {}).get("end_to_end"), 2),
-                          _f(lat["backends"][n]["peak_memory"].get("torch_peak_allocated_mb",
-                                                                  lat["backends"][n]["peak_memory"].get("process_peak_rss_mb")), 0)]
+                          _peak(lat["backends"][n]["peak_memory"])]
                          for n in names])
         for note in lat.get("notes", []):
             lines.append(f"\n_{note}_")
@@ -240,6 +239,15 @@ def render_markdown(report: dict) -> str:
             lines.append(f"![contact sheet]({art['contact_sheet']})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _peak(pm: dict) -> str:
+    """GPU: torch allocator peak (+ whole-device use, which sees ORT/TensorRT too); CPU: process peak RSS."""
+    if "torch_peak_allocated_mb" in pm:
+        dev = pm.get("device_used_mb")
+        return _f(pm["torch_peak_allocated_mb"], 0) + (f" (device {_f(dev, 0)})" if dev is not None else "")
+    rss = _f(pm.get("process_peak_rss_mb"), 0)
+    return rss + (" RSS" if pm.get("process_peak_rss_scope") == "timed runs" else " RSS, process lifetime")
 
 
 def _ms(s):

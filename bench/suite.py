@@ -285,6 +285,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
             report["latency"]["backends"][name] = res
         names = list(report["latency"]["backends"])
         base = cfg.baseline if cfg.baseline in names else (names[0] if names else None)
+        if cfg.baseline and base != cfg.baseline:
+            report["latency"]["notes"].append(f"baseline {cfg.baseline} was not measured; ratios are against {base}")
         report["latency"]["baseline"] = base
         for name in names:
             st, bst = report["latency"]["backends"][name]["stages"], report["latency"]["backends"][base]["stages"]

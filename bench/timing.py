@@ -123,21 +123,59 @@ def timed_model_stages(model, timer: StageTimer):
         del model.camera_residuals
 
 
-def peak_memory_reset(device: torch.device) -> None:
+def _reset_process_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _process_peak_rss_mb() -> float | None:
+    """VmHWM (peak RSS since start or since the last reset) in MiB; ru_maxrss (since start) as a fallback."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def peak_memory_reset(device: torch.device) -> bool:
+    """Start a peak-memory window (after the warm-up). Returns whether the process peak RSS was reset too."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    return _reset_process_peak_rss()
 
 
-def peak_memory_mb(device: torch.device) -> dict:
-    """Peak device memory of the torch allocator (GPU) and the process's peak RSS (both MiB)."""
+def peak_memory_mb(device: torch.device, rss_reset: bool = False) -> dict:
+    """Peak memory of the window opened by :func:`peak_memory_reset` (MiB).
+
+    GPU: the torch allocator's peaks (they miss what ONNX Runtime / TensorRT allocate themselves) and
+    ``device_used_mb``, the whole device's used memory at the end (every allocator and process, so it
+    includes engines, workspaces and torch's cached pool). Process peak RSS: this window when the kernel
+    mark could be reset (``process_peak_rss_scope`` says which).
+    """
     out: dict = {}
     if device.type == "cuda":
         out["torch_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["torch_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-    try:
-        import resource
-
-        out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except (ImportError, OSError):
-        pass
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            out["device_used_mb"] = (total - free) / 2**20
+        except RuntimeError:
+            pass
+    rss = _process_peak_rss_mb()
+    if rss is not None:
+        out["process_peak_rss_mb"] = rss
+        out["process_peak_rss_scope"] = "timed runs" if rss_reset else "process lifetime"
     return out

@@ -3,8 +3,9 @@
 Speed-ups applied by :func:`optimize_unet` (compile / CUDA-graph variants):
 
 * fused QKV: each ``attn1`` runs one GEMM for q, k, v of the base branch and of the MV branch (6C wide);
-  the original ``to_q``/``to_k``/... weights become views into the fused weight (no extra memory; the
-  state-dict keys are unchanged). Skipped when PEFT LoRA layers are attached (fuse the LoRA first);
+  the original ``to_q``/``to_k``/... weights become views into the fused weight (no extra memory). While
+  fused, the processors' state-dict keys change (``processor.qkv.weight``, ``processor.original.*``);
+  :func:`unfuse_qkv` restores them. Skipped when PEFT LoRA layers are attached (fuse the LoRA first);
 * channels-last memory format for the convolutions;
 * SDPA everywhere (the MV processors already use ``scaled_dot_product_attention``).
 """
@@ -19,17 +20,7 @@ from torch import nn
 
 from engines.base import Backend, to_device
 from mvz.errors import BackendUnavailableError
-from mvz.models.attention import MVRowAttnProcessor, row_multiview_attention
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    n, c = x.shape[-2], x.shape[-1]
-    return x.reshape(-1, n, heads, c // heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    h, n, d = x.shape[1], x.shape[2], x.shape[3]
-    return x.transpose(1, 2).reshape(-1, n, h * d)
+from mvz.models.attention import MVRowAttnProcessor, _heads_merge, _heads_split, row_multiview_attention
 
 
 class FusedQKVMVProcessor(nn.Module):
@@ -59,12 +50,12 @@ class FusedQKVMVProcessor(nn.Module):
             if b is not None:
                 parts[i] = parts[i] + b
         q, k, v, qm, km, vm = parts
-        q, k, v = _split_heads(q, attn.heads), _split_heads(k, attn.heads), _split_heads(v, attn.heads)
+        q, k, v = _heads_split(q, attn.heads), _heads_split(k, attn.heads), _heads_split(v, attn.heads)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = attn.to_out[1](attn.to_out[0](_merge_heads(F.scaled_dot_product_attention(q, k, v)).to(q.dtype)))
+        out = attn.to_out[1](attn.to_out[0](_heads_merge(F.scaled_dot_product_attention(q, k, v)).to(q.dtype)))
         s = self.settings
         if s.mv_scale != 0.0:
             h, w = s.grid(hidden_states.shape[1])

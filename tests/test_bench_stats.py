@@ -52,3 +52,25 @@ def test_t_quantiles():
 def test_ratio():
     assert ratio(10.0, 5.0) == 2.0
     assert ratio(None, 5.0) is None and ratio(1.0, 0.0) is None
+
+
+def test_per_view_interval_is_over_sets_not_views():
+    from bench.quality import summarize_quality
+    from bench.stats import mean_ci
+
+    per_view = [[1.0, 1.1, 0.9], [2.0, 2.1, 1.9], [3.0, 3.2, 2.8]]
+    scores = {"base": {"r": {"per_set": [sum(r) / 3 for r in per_view], "per_view": per_view}}}
+    entry = summarize_quality(scores, ["base"])["variants"]["base"]["r"]
+    assert entry["per_view"]["n"] == 3 and entry["per_view"]["views"] == 9  # correlated views: n = sets
+    assert entry["per_view"]["half_width"] == pytest.approx(mean_ci(entry["values_per_set"])["half_width"])
+
+
+def test_peak_table_prefers_the_most_specific_name():
+    import torch
+
+    from bench.env import lookup_peak
+
+    assert lookup_peak("NVIDIA H100 80GB HBM3", torch.float16)[0] == 989.4
+    assert lookup_peak("NVIDIA H100 PCIe", torch.float16)[0] == 756.0
+    assert lookup_peak("NVIDIA L40", torch.float16)[0] == 181.0  # not the L4's 121
+    assert lookup_peak("NVIDIA L40S", torch.float16)[0] == 362.1

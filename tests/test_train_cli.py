@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from mvz.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:

@@ -132,7 +132,8 @@ def test_config_errors_and_overrides():
     cfg = load_config("tiny", overrides=["training.lr=5e-5", "logging.sample_prompts=[a, b]", "training.lora_alpha=null"])
     assert cfg.training.lr == 5e-5 and cfg.logging.sample_prompts == ["a", "b"] and cfg.training.lora_alpha is None
     for bad in (["training.nope=1"], ["nosection.lr=1"], ["training.lr=abc"], ["training.num_epochs=1.5"],
-                ["training.gradient_checkpointing=maybe"], ["training.method=ppo"], ["training.lr"], ["training=3"]):
+                ["training.gradient_checkpointing=maybe"], ["training.method=ppo"], ["training.lr"], ["training=3"],
+                ["training.lr=nan"], ["training.lambda_max=.inf"], ["training.lora_alpha=nan"]):
         with pytest.raises(ConfigError):
             load_config("tiny", overrides=bad)
     with pytest.raises(ConfigError):

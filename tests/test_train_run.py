@@ -6,21 +6,13 @@ import copy
 
 import pytest
 import torch
+from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from mvz.train.config import load_config
 from mvz.train.trainer import Trainer, iteration_rng
 
 FAST = ["reward.reward_fn=brightness", "reward.mv_reward_fn=brightness", "reward.preset=null",
         "logging.tensorboard=false"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI machine has 2 shared cores; oversubscribed OpenMP threads are ~20x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +29,24 @@ def make_trainer(tmp_path, model, overrides=(), name="run", **kw) -> Trainer:
 
 def test_recomputed_log_probs_equal_recorded(tmp_path, tiny_model):
     tr = make_trainer(tmp_path, tiny_model, ["logging.sample_grid=false"]).setup()
+    calls = []
+    sample = tr.pipeline.sample
+
+    def spy(prompts, seeds, **kw):
+        calls.append((list(seeds), kw))
+        return sample(prompts, seeds, **kw)
+
+    tr.pipeline.sample = spy
     roll = tr.rollout(iteration_rng(0, 0, 0, 0))
     from mvz.pipeline import recompute_log_probs
 
     assert len(roll.trajectories) == 2
     std, zmv = roll.trajectories
-    assert torch.equal(std.states[:, 0], roll.trajectories[0].states[:, 0])
+    # the ZMV partner starts from the standard rollout's x_T and draws its step noise from other generators
+    (seeds, kw_std), (seeds_z, kw_zmv) = calls
+    assert not kw_std.get("zmv") and kw_zmv["zmv"] and seeds_z == seeds
+    assert torch.equal(kw_zmv["initial_latents"], std.states[:, 0])
+    assert kw_zmv["noise_seeds"] is not None and set(kw_zmv["noise_seeds"]).isdisjoint(seeds)
     assert not torch.equal(zmv.states[:, 0], std.states[:, 0])  # ZMV records the inverted latent at step 0
     v = tr.cfg.training.num_views
     target = torch.zeros(roll.num_prompts, v)

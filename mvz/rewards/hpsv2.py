@@ -17,11 +17,10 @@ import torch.nn.functional as F
 
 from mvz.errors import CheckpointError
 from mvz.paths import rewards_dir
-from mvz.rewards.base import RewardOutput, register_reward
+from mvz.rewards.base import register_reward
 from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, strip_prefix
 from mvz.rewards.clip_convert import build_clip_config, convert_open_clip, load_clip_model, read_dims
-from mvz.rewards.preprocess import check_images, clip_preprocess
-from mvz.rewards.runtime import ModelReward
+from mvz.rewards.runtime import ClipPerViewReward
 
 FILENAMES = ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")
 HF_REPO = "xswu/HPSv2"
@@ -62,7 +61,7 @@ def convert_hps(state: dict, arch: dict, tokenizer) -> tuple[torch.nn.Module, di
     return load_clip_model(hf, config, "hpsv2"), mapping
 
 
-class HPSv2(ModelReward):
+class HPSv2(ClipPerViewReward):
     name = "hpsv2"
     kind = "per_view"
 
@@ -80,13 +79,8 @@ class HPSv2(ModelReward):
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
         state = hps_state_dict(load_torch_state(path, "hpsv2"))
         self.model, self.key_mapping = convert_hps(state, read_arch(path), self.tokenizer)
-        self._setup_modules(self.model)
+        self._init_clip(self.model)
         self.checkpoint = str(path)
-        vc = self.model.config.vision_config
-        self.image_size = int(vc.image_size)
-        self.context_length = int(self.model.config.text_config.max_position_embeddings)
-        self._tokens = (self.image_size // vc.patch_size) ** 2 + 1
-        self._width, self._heads = vc.hidden_size, vc.num_attention_heads
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -94,23 +88,6 @@ class HPSv2(ModelReward):
         hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask only, like open_clip
         eot = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # EOT has the largest id
         return F.normalize(self.model.text_projection(eot).float(), dim=-1)
-
-    @torch.no_grad()
-    def embed_images(self, flat: torch.Tensor) -> torch.Tensor:
-        def run(s: slice) -> torch.Tensor:
-            px = clip_preprocess(flat[s].to(self.device), self.image_size).to(self.dtype)
-            pooled = self.model.vision_model(pixel_values=px).pooler_output  # ln_post(CLS)
-            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
-
-        return self.map_chunks(flat.shape[0], self.chunk_size(self._tokens, self._width, self._heads), run)
-
-    @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
-        b, v = check_images(images, prompts, self.name)
-        img = self.embed_images(images.reshape(b * v, *images.shape[2:])).reshape(b, v, -1)
-        txt = self.embed_text(prompts).cpu()
-        per_view = (img * txt[:, None, :]).sum(-1)
-        return RewardOutput(per_set=per_view.mean(1), per_view=per_view)
 
 
 @register_reward("hpsv2")

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 
 from mvz.errors import CheckpointError, summarize_keys
 from mvz.paths import rewards_dir
-from mvz.rewards.base import RewardOutput, register_reward
+from mvz.rewards.base import register_reward
 from mvz.rewards.checkpoints import find_folder
-from mvz.rewards.preprocess import check_images, clip_preprocess
-from mvz.rewards.runtime import ModelReward
+from mvz.rewards.runtime import ClipPerViewReward
 
 HF_REPO = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPOS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
@@ -89,7 +88,7 @@ def load_clip_folder(folder: Path, what: str):
     return model.eval().requires_grad_(False)
 
 
-class PickScore(ModelReward):
+class PickScore(ClipPerViewReward):
     name = "pickscore"
     kind = "per_view"
 
@@ -104,13 +103,8 @@ class PickScore(ModelReward):
         tok_folder = find_folder("pickscore", "vocab.json", "CLIP tokenizer", tokenizer, [folder, home / "processor"],
                                  PROCESSOR_REPOS, f"https://huggingface.co/{PROCESSOR_REPOS[0]}")
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
-        self._setup_modules(self.model)
+        self._init_clip(self.model)
         self.checkpoint = str(folder)
-        vc = self.model.config.vision_config
-        self.image_size = int(vc.image_size)
-        self.context_length = int(self.model.config.text_config.max_position_embeddings)
-        self._tokens = (self.image_size // vc.patch_size) ** 2 + 1
-        self._width, self._heads = vc.hidden_size, vc.num_attention_heads
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -118,23 +112,6 @@ class PickScore(ModelReward):
         out = self.model.text_model(input_ids=enc["input_ids"].to(self.device),
                                     attention_mask=enc["attention_mask"].to(self.device))
         return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
-
-    @torch.no_grad()
-    def embed_images(self, flat: torch.Tensor) -> torch.Tensor:
-        def run(s: slice) -> torch.Tensor:
-            px = clip_preprocess(flat[s].to(self.device), self.image_size).to(self.dtype)
-            pooled = self.model.vision_model(pixel_values=px).pooler_output
-            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
-
-        return self.map_chunks(flat.shape[0], self.chunk_size(self._tokens, self._width, self._heads), run)
-
-    @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
-        b, v = check_images(images, prompts, self.name)
-        img = self.embed_images(images.reshape(b * v, *images.shape[2:])).reshape(b, v, -1)
-        txt = self.embed_text(prompts).cpu()
-        per_view = (img * txt[:, None, :]).sum(-1)
-        return RewardOutput(per_set=per_view.mean(1), per_view=per_view)
 
 
 @register_reward("pickscore")

@@ -6,9 +6,11 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mvz.errors import DeviceError, InputError
-from mvz.rewards.base import Reward
+from mvz.rewards.base import Reward, RewardOutput
+from mvz.rewards.preprocess import check_images, clip_preprocess
 
 log = logging.getLogger("mvz.rewards")
 
@@ -89,3 +91,43 @@ class ModelReward(Reward):
                 short = text if len(text) <= 40 else text[:37] + "..."
                 self.notice_once(f"{self.name}: prompt {short!r} has {len(ids)} tokens; truncated to {max_length} like the original.")
         return enc
+
+
+class ClipPerViewReward(ModelReward):
+    """A per-view CLIP-style reward (PickScore, HPSv2): cosine of the L2-normalised image and text embeddings.
+
+    Subclasses load a transformers ``CLIPModel``, hand it to :meth:`_init_clip` (kept as ``self.model``) and implement
+    :meth:`embed_text` (``[B, E]``, normalised); images go through the CLS-pooled vision tower, the visual
+    projection and normalisation here, resized to the ViT size (bicubic) with CLIP mean/std.
+    """
+
+    def _init_clip(self, model) -> None:
+        self.model = model
+        self._setup_modules(model)
+        vc = model.config.vision_config
+        self.image_size = int(vc.image_size)
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+        self._tokens = (self.image_size // vc.patch_size) ** 2 + 1
+        self._width, self._heads = vc.hidden_size, vc.num_attention_heads
+
+    def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_images(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` in [0, 1] -> normalised image embeddings ``[N, E]`` (float32, CPU)."""
+
+        def run(s: slice) -> torch.Tensor:
+            px = clip_preprocess(flat[s].to(self.device), self.image_size).to(self.dtype)
+            pooled = self.model.vision_model(pixel_values=px).pooler_output  # post_layernorm(CLS) = ln_post
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+        return self.map_chunks(flat.shape[0], self.chunk_size(self._tokens, self._width, self._heads), run)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
+        b, v = check_images(images, prompts, self.name)
+        img = self.embed_images(images.reshape(b * v, *images.shape[2:])).reshape(b, v, -1)
+        txt = self.embed_text(prompts).cpu()
+        per_view = (img * txt[:, None, :]).sum(-1)
+        return RewardOutput(per_set=per_view.mean(1), per_view=per_view)

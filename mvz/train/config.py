@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,17 @@ class LoggingConfig:
     wandb_project: str = "mvczigal"
 
 
+# (training keys, predicate, what the message says they must be), checked in this order by validate()
+_TRAINING_BOUNDS: tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str], ...] = (
+    (("resolution", "num_views", "num_inference_steps", "sample_batch_size_per_gpu", "num_sample_iters",
+      "batches_per_epoch", "num_epochs", "gradient_accumulation_steps", "lora_rank", "save_interval",
+      "zmv_repeats", "num_inner_epochs", "vae_batch"), lambda v: v >= 1, "be at least 1"),
+    (("lr", "clip_range", "max_grad_norm", "adam_epsilon"), lambda v: v > 0, "be positive"),
+    (("lambda_lr", "lambda_max", "lambda_init", "weight_decay", "zmv_steps", "lambda_update_delay_steps",
+      "ws_weight"), lambda v: v >= 0, "not be negative"),
+)
+
+
 @dataclass
 class TrainConfig:
     preset: str = "custom"
@@ -161,24 +173,16 @@ class TrainConfig:
             raise ConfigError(f"training.objective {t.objective!r} is not known.", f"Use one of {', '.join(OBJECTIVES)} or null.")
         if t.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"training.mixed_precision {t.mixed_precision!r} is not known.", "Use no, fp16 or bf16.")
-        positive = ("resolution", "num_views", "num_inference_steps", "sample_batch_size_per_gpu", "num_sample_iters",
-                    "batches_per_epoch", "num_epochs", "gradient_accumulation_steps", "lora_rank", "save_interval",
-                    "zmv_repeats", "num_inner_epochs", "vae_batch")
-        for key in positive:
-            if getattr(t, key) < 1:
-                raise ConfigError(f"training.{key} must be at least 1, got {getattr(t, key)}.")
+        for keys, ok, what in _TRAINING_BOUNDS:
+            for key in keys:
+                if not ok(getattr(t, key)):
+                    raise ConfigError(f"training.{key} must {what}, got {getattr(t, key)}.")
         if not 1 <= t.num_inference_steps <= 50:
             raise ConfigError(f"training.num_inference_steps must be in 1..50, got {t.num_inference_steps}.")
         if t.num_inference_steps == 1 and not t.train_last_step:
             raise ConfigError("with 1 inference step, training.train_last_step=false leaves nothing to train.")
         if t.train_batch_size_per_gpu != 1:
             raise ConfigError("training.train_batch_size_per_gpu must be 1 (one prompt pair per micro-step, as upstream).")
-        for key in ("lr", "clip_range", "max_grad_norm", "adam_epsilon"):
-            if getattr(t, key) <= 0:
-                raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}.")
-        for key in ("lambda_lr", "lambda_max", "lambda_init", "weight_decay", "zmv_steps", "lambda_update_delay_steps", "ws_weight"):
-            if getattr(t, key) < 0:
-                raise ConfigError(f"training.{key} must not be negative, got {getattr(t, key)}.")
         if not 0 <= t.ema_beta <= 1:
             raise ConfigError(f"training.ema_beta must be in [0, 1], got {t.ema_beta}.")
         if t.lambda_init > t.lambda_max:
@@ -208,6 +212,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # X | None: X's own message (e.g. "must be a finite number")
+            raise errors[0]
         raise ConfigError(f"config key {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -221,13 +227,19 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan / inf would pass every range check below and poison the run
+                raise ConfigError(f"config key {key} must be a finite number, got {value!r}.",
+                                  "Fix the value in the YAML file or the --set override.")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -52,6 +52,19 @@ def runtime_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torc
     return mp, {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[mp]
 
 
+def _rng_state() -> dict[str, Any]:
+    """The global RNGs (the loop itself draws only from :func:`iteration_rng`; these cover anything else)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 class Trainer:
     def __init__(
         self,
@@ -132,6 +145,8 @@ class Trainer:
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
         elif self.resume:
+            if acc.is_main_process:
+                self.run.truncate_metrics(-1)  # the interrupted epoch 0 is redone: drop its records
             self.echo(f"no finished epoch in {self.run.path}; starting it from the beginning")
 
         from mvz.pipeline import MultiviewPipeline, TorchDecoder, TorchDenoiser
@@ -208,6 +223,8 @@ class Trainer:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self.lagrangian.load_state_dict(state["lagrangian"])
+        if state.get("rng"):
+            _set_rng_state(state["rng"])
         self.global_step = int(state["global_step"])
         self.start_epoch = int(state["epoch"]) + 1
         if state.get("world_size") != self.accelerator.num_processes:
@@ -346,6 +363,7 @@ class Trainer:
         ga = t.gradient_accumulation_steps
         losses, kls, fracs, norms = [], [], [], []
         micro = 0
+        bad_loss = False
         for _ in range(t.num_inner_epochs):
             rng.shuffle(order)
             for p in order:
@@ -358,12 +376,20 @@ class Trainer:
                         with acc.autocast():
                             out = self.micro_loss(roll, target, p, j)
                         if not torch.isfinite(out.loss.detach()):
-                            self._diverged("the loss", epoch, it)
+                            if acc.num_processes == 1:
+                                self._diverged("the loss", epoch, it)
+                            # multi-process: keep in step with the other ranks (a rank that raised alone would
+                            # leave them waiting in the gradient all-reduce); all ranks stop at the sync below
+                            bad_loss = True
                         acc.backward(out.loss / ga)
                     losses.append(out.loss.detach().float())
                     kls.append(out.approx_kl.float())
                     fracs.append(out.clipfrac.float())
                     if sync:
+                        if acc.num_processes > 1:
+                            flag = acc.reduce(torch.tensor([float(bad_loss)], device=self.device), reduction="sum")
+                            if float(flag.item()) > 0:
+                                self._diverged("the loss (on at least one process)", epoch, it)
                         norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
                         norm_v = float(norm) if norm is not None else float("nan")
                         if acc.scaler is None and not math.isfinite(norm_v):
@@ -481,6 +507,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "lagrangian": self.lagrangian.state_dict(),
+                "rng": _rng_state(),
                 "world_size": acc.num_processes,
                 "config_fingerprint": self.cfg.fingerprint(ignore=RESUMABLE_CHANGES),
             }
