@@ -342,6 +342,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
     else:
         from bench.quality import run_quality, variants
 
+        try:  # torch-compile / torch-cudagraph fuse QKV in place; LoRA layers need the plain projections
+            from engines.torch_backend import restore_unet
+
+            restore_unet(model.unet)
+        except ImportError:
+            pass
         if cfg.lora:
             from mvz.models.lora import load_lora
 

@@ -54,7 +54,8 @@ def create_backend(
     **options: Any,
 ) -> Backend:
     """Build a backend. ``options``: ``providers`` (onnxruntime: 'auto' | 'tensorrt' | 'cuda' | 'cpu' | list),
-    ``cuda_graph`` (tensorrt, default True), ``compile_mode``, ``fused_qkv``, ``channels_last`` (torch
+    ``cuda_graph`` (tensorrt, default True), ``rebuild`` (tensorrt: rebuild for a LoRA that refit cannot switch,
+    default True), ``compile_mode``, ``fused_qkv``, ``channels_last`` (torch
     variants). Raises BackendUnavailableError (one line, with the fix) when the backend cannot run here."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}.", f"Use one of: {', '.join(BACKENDS)}.")
@@ -79,4 +80,5 @@ def create_backend(
     if reason:
         raise BackendUnavailableError(reason)
     return create_tensorrt_backend(model, engines_dir, num_views=num_views, height=height, width=width, batch=batch,
-                                   device=device, cuda_graph=bool(options.get("cuda_graph", True)))
+                                   device=device, cuda_graph=bool(options.get("cuda_graph", True)),
+                                   rebuild=bool(options.get("rebuild", True)))

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.base import Backend, load_checked_export, rows_chunks, to_device
-from mvz.errors import BackendUnavailableError
+from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
+from mvz.errors import BackendUnavailableError, CheckpointError
 
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -83,7 +83,12 @@ class OrtGraph:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises its own types for unreadable, truncated or invalid graphs
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise CheckpointError(f"ONNX Runtime cannot load {path}: {first}",
+                                  "Re-export it (mvz export ... --force).") from None
         self.device = device
         self.inputs = [(i.name, _np_dtype(i.type), i.shape) for i in self.session.get_inputs()]
         out = self.session.get_outputs()[0]
@@ -92,17 +97,18 @@ class OrtGraph:
         self.rows = self.inputs[0][2][0] if isinstance(self.inputs[0][2][0], int) else None
         self.io_binding = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
 
-    def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run on ``{input name: tensor}`` (names the graph does not take are ignored)."""
         if not self.io_binding:
-            feeds = {name: t.detach().to("cpu", _NP_TO_TORCH[dt]).contiguous().numpy()
-                     for (name, dt, _), t in zip(self.inputs, tensors, strict=True)}
+            feeds = {name: tensors[name].detach().to("cpu", _NP_TO_TORCH[dt]).contiguous().numpy()
+                     for name, dt, _ in self.inputs}
             out = self.session.run([self.output[0]], feeds)[0]
             return torch.from_numpy(out).to(self.device)
         binding = self.session.io_binding()
         keep = []
         idx = self.device.index or 0
-        for (name, dt, _), t in zip(self.inputs, tensors, strict=True):
-            t = t.detach().to(self.device, _NP_TO_TORCH[dt]).contiguous()
+        for name, dt, _ in self.inputs:
+            t = tensors[name].detach().to(self.device, _NP_TO_TORCH[dt]).contiguous()
             keep.append(t)
             binding.bind_input(name, "cuda", idx, dt, tuple(t.shape), t.data_ptr())
         rows = keep[0].shape[0]
@@ -120,36 +126,6 @@ def _np_dtype(ort_type: str) -> np.dtype:
     return np.dtype(table[ort_type])
 
 
-class OrtDenoiser:
-    name = "onnxruntime"
-
-    def __init__(self, graph: OrtGraph, num_views: int):
-        self.graph = graph
-        self.num_views = num_views
-
-    def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        batched = (sample, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3)
-        outs = []
-        for sl in rows_chunks(sample.shape[0], self.graph.rows):
-            s, pe, te, ti, tc, c0, c1, c2, c3 = (t[sl] for t in batched)
-            outs.append(self.graph.run([s, timestep.float().reshape(1), pe, te, ti, tc, c0, c1, c2, c3]))
-        eps = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return eps.to(device=sample.device, dtype=sample.dtype)
-
-
-class OrtDecoder:
-    name = "onnxruntime"
-
-    def __init__(self, graph: OrtGraph):
-        self.graph = graph
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        outs = [self.graph.run([latents[sl]]) for sl in rows_chunks(latents.shape[0], self.graph.rows)]
-        images = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return images.float().to(latents.device)
-
-
 def create_onnxruntime_backend(model, engines_dir, *, num_views, height, width, batch, device, providers=None) -> Backend:
     reason = unavailable_reason()
     if reason:
@@ -165,4 +141,4 @@ def create_onnxruntime_backend(model, engines_dir, *, num_views, height, width, 
     info = {"provider": unet.providers[0], "providers": unet.providers, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "io_binding": unet.io_binding, "export": str(folder),
             "manifest": manifest.summary()}
-    return Backend("onnxruntime", OrtDenoiser(unet, num_views), OrtDecoder(vae), info)
+    return Backend("onnxruntime", GraphDenoiser(unet, num_views, "onnxruntime"), GraphDecoder(vae, "onnxruntime"), info)

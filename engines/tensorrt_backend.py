@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engines.base import Backend, load_checked_export, rows_chunks, to_device
+from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
 from export.manifest import ExportManifest, now_iso, read_manifest, sha256_file
 from mvz.errors import BackendUnavailableError, CheckpointError, ManifestMismatchError, ModelNotFoundError
 
@@ -233,18 +233,26 @@ def build_engines(
     return current
 
 
-def check_engines(em: EngineManifest, folder: Path, device: torch.device) -> None:
+def check_engines(em: EngineManifest, folder: Path, device: torch.device, manifest: ExportManifest | None = None) -> None:
+    """Refuse engines built with another TensorRT, for another GPU, or from other ONNX graphs (another
+    export: other shapes, precision or weights); missing plan files too. Each message says how to rebuild."""
     import tensorrt as trt
 
     ident = gpu_identity(device)
+    rebuild = "Rebuild them on this machine: mvz export --model MODEL --out EXPORT_DIR (engines are rebuilt, the ONNX kept)."
     problems = []
     if em.tensorrt != trt.__version__:
         problems.append(f"built with TensorRT {em.tensorrt}, this is {trt.__version__}")
     if em.gpu != ident["gpu"] or em.compute_capability != ident["compute_capability"]:
         problems.append(f"built for {em.gpu} (sm {em.compute_capability}), this is {ident['gpu']} (sm {ident['compute_capability']})")
+    for g in ("unet", "vae_decoder"):
+        e = em.engines.get(g)
+        if e is None or not (folder / e.plan).is_file():
+            problems.append(f"no {g} engine")
+        elif manifest is not None and (g not in manifest.graphs or e.source_sha256 != manifest.graphs[g].sha256):
+            problems.append(f"the {g} engine was built from another ONNX export (other shapes, precision or weights)")
     if problems:
-        raise ManifestMismatchError(f"the engines in {folder} do not fit here: {'; '.join(problems)}.",
-                                    "Rebuild them on this machine: mvz export --model MODEL --out EXPORT_DIR (engines are rebuilt, the ONNX kept).")
+        raise ManifestMismatchError(f"the engines in {folder} do not fit here: {'; '.join(problems)}.", rebuild)
 
 
 _TORCH_DTYPES = {}
@@ -295,9 +303,11 @@ class TrtEngine:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
 
-    def run(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        for name, t in zip(self.inputs, tensors, strict=True):
-            buf = self.buffers[name]
+    def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Copy ``{input name: tensor}`` into the bound buffers, run (or replay the CUDA graph), return a
+        copy of the first output. Inputs are matched by name, never by position."""
+        for name in self.inputs:
+            buf, t = self.buffers[name], tensors[name]
             if tuple(t.shape) != tuple(buf.shape):
                 raise ManifestMismatchError(f"engine input {name} is {tuple(buf.shape)}, got {tuple(t.shape)}.",
                                             "Rebuild the engines for this shape (mvz export --batch/--views/--resolution).")
@@ -356,35 +366,6 @@ class TrtEngine:
         return ok
 
 
-class TrtDenoiser:
-    name = "tensorrt"
-
-    def __init__(self, engine: TrtEngine, num_views: int):
-        self.engine = engine
-        self.num_views = num_views
-
-    def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        batched = (sample, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3)
-        outs = []
-        for sl in rows_chunks(sample.shape[0], self.engine.rows):
-            s, pe, te, ti, tc, c0, c1, c2, c3 = (t[sl] for t in batched)
-            outs.append(self.engine.run([s, timestep.float().reshape(1), pe, te, ti, tc, c0, c1, c2, c3]))
-        eps = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return eps.to(dtype=sample.dtype)
-
-
-class TrtDecoder:
-    name = "tensorrt"
-
-    def __init__(self, engine: TrtEngine):
-        self.engine = engine
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        outs = [self.engine.run([latents[sl]]) for sl in rows_chunks(latents.shape[0], self.engine.rows)]
-        return (torch.cat(outs) if len(outs) > 1 else outs[0]).float()
-
-
 def find_engine_folder(engines_dir: Path) -> tuple[Path, Path]:
     """(export folder, engines folder) from either of them."""
     if (engines_dir / ENGINE_MANIFEST).is_file():
@@ -392,10 +373,13 @@ def find_engine_folder(engines_dir: Path) -> tuple[Path, Path]:
     return engines_dir, engines_dir / ENGINES_SUBDIR
 
 
-def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True) -> Backend:
-    import json
-
-    from export.manifest import lora_identity
+def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True,
+                            rebuild: bool = True) -> Backend:
+    """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
+    none) is served by refitting a refittable UNet engine by weight name; when the engine is not refittable
+    or TensorRT refuses the refit, ``rebuild`` re-exports the model with its LoRA fused into
+    ``<export>/lora_rebuilds/<lora sha256[:12]>-x<scale>/`` and builds engines there (reused next time)."""
+    from engines.base import model_lora_identity, same_lora
 
     _trt()
     if engines_dir is None:
@@ -404,38 +388,56 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     dev = to_device(device)
     if dev.type != "cuda":
         raise BackendUnavailableError("the tensorrt backend runs on a CUDA device.", "Pass --device cuda.")
-    # the LoRA is checked below (it may be switched by refit), everything else here
-    manifest = read_manifest(export_dir)
-    wanted_lora = lora_identity(model.info.lora, model.info.lora_scale) if model is not None and model.info.lora else None
-    lora_differs = json.dumps(manifest.lora and {k: manifest.lora[k] for k in ("sha256", "scale")}) != \
-        json.dumps(wanted_lora and {k: wanted_lora[k] for k in ("sha256", "scale")})
-    if lora_differs:
-        import copy
-
-        m2 = copy.copy(model)
-        m2.info = copy.copy(model.info)
-        m2.info.lora = manifest.lora["path"] if manifest.lora else None
-        m2.info.lora_scale = manifest.lora["scale"] if manifest.lora else 1.0
-        load_checked_export(export_dir, m2, num_views=num_views, height=height, width=width, batch=batch)
-    else:
-        load_checked_export(export_dir, model, num_views=num_views, height=height, width=width, batch=batch)
+    # everything but the LoRA must fit; the LoRA may be switched by refit (or a rebuild) below
+    manifest = load_checked_export(export_dir, model, num_views=num_views, height=height, width=width, batch=batch,
+                                   check_lora=False)
+    lora_differs = model is not None and not same_lora(manifest.lora, model_lora_identity(model))
     em = EngineManifest.load(eng_dir)
-    check_engines(em, eng_dir, dev)
-    for g in ("unet", "vae_decoder"):
-        if g not in em.engines or not (eng_dir / em.engines[g].plan).is_file():
-            raise ModelNotFoundError(f"engine for {g} missing in {eng_dir}.", "Rebuild: mvz export --model MODEL --out EXPORT_DIR.")
-    unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph)
-    vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph)
+    check_engines(em, eng_dir, dev, manifest)
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
             "manifest": manifest.summary()}
+    if lora_differs and not em.engines["unet"].refittable:
+        return _rebuilt_backend(model, export_dir, manifest, em, "the UNet engine was built for another LoRA and is "
+                                "not refittable", rebuild, num_views=num_views, height=height, width=width, batch=batch,
+                                device=device, cuda_graph=cuda_graph)
+    unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph)
+    vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph)
     if lora_differs:
-        if not em.engines["unet"].refittable:
-            raise ManifestMismatchError(
-                f"the UNet engine in {eng_dir} was built for another LoRA and is not refittable.",
-                "Re-export with this LoRA (mvz export --lora FILE --force) or build with --refittable to switch LoRAs by refit.")
-        info["refit"] = refit_unet_for_model(unet, export_dir, manifest, model)
-    return Backend("tensorrt", TrtDenoiser(unet, num_views), TrtDecoder(vae), info)
+        try:
+            info["refit"] = refit_unet_for_model(unet, export_dir, manifest, model)
+        except ManifestMismatchError as err:
+            del unet, vae
+            return _rebuilt_backend(model, export_dir, manifest, em, err.what.rstrip("."), rebuild, num_views=num_views,
+                                    height=height, width=width, batch=batch, device=device, cuda_graph=cuda_graph)
+    return Backend("tensorrt", GraphDenoiser(unet, num_views, "tensorrt"), GraphDecoder(vae, "tensorrt"), info)
+
+
+def _rebuilt_backend(model, export_dir: Path, manifest: ExportManifest, em: EngineManifest, why: str, rebuild: bool,
+                     **request) -> Backend:
+    """Fall-back for a LoRA that cannot be switched by refit: export + build for it (cached by LoRA hash and
+    scale under the export folder), or, without ``rebuild`` or a builder, say how to do it."""
+    from engines.base import model_lora_identity
+
+    hint = "Re-export with this LoRA: mvz export --lora FILE --lora-scale S --out DIR (or build with --refittable)."
+    if not rebuild:
+        raise ManifestMismatchError(f"cannot serve this LoRA from {export_dir}: {why}.", hint)
+    reason = unavailable_reason(need_builder=True)
+    if reason:
+        raise ManifestMismatchError(f"cannot serve this LoRA from {export_dir}: {why}, and no rebuild here ({reason})", hint)
+    from export.exporter import export_model
+
+    lid = model_lora_identity(model)
+    tag = f"{lid['sha256'][:12]}-x{lid['scale']:g}" if lid else "no-lora"
+    out = export_dir / "lora_rebuilds" / tag
+    res = export_model(model, out, num_views=manifest.num_views, height=manifest.height, width=manifest.width,
+                       batch=manifest.batch, precision=manifest.precision, vae_precision=manifest.vae_precision,
+                       opset=manifest.opset, exporter=manifest.exporter, dynamic_batch=manifest.dynamic_batch)
+    build_engines(res.folder, workspace_bytes=em.workspace_bytes or (8 << 30), opt_level=em.builder_optimization_level,
+                  timing_cache=export_dir / ENGINES_SUBDIR / "timing.cache")
+    backend = create_tensorrt_backend(model, res.folder, rebuild=False, **request)
+    backend.info["rebuilt"] = {"reason": why, "folder": str(res.folder), "reused": res.reused}
+    return backend
 
 
 def refit_unet_for_model(unet: TrtEngine, export_dir: Path, manifest: ExportManifest, model) -> dict:

@@ -93,6 +93,13 @@ def unfuse_qkv(unet: nn.Module) -> int:
     return count
 
 
+def restore_unet(unet: nn.Module) -> None:
+    """Undo :func:`optimize_unet` (unfuse QKV, contiguous memory format): call before loading a LoRA or
+    saving the UNet after a compile / CUDA-graph backend has used it."""
+    unfuse_qkv(unet)
+    unet.to(memory_format=torch.contiguous_format)
+
+
 def optimize_unet(unet: nn.Module, *, qkv: bool = True, channels_last: bool = True) -> dict:
     done = {"fused_qkv_blocks": fuse_qkv(unet) if qkv else 0, "channels_last": channels_last}
     if channels_last:

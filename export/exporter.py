@@ -96,8 +96,9 @@ def _folder_state(out: Path, request: dict[str, Any], force: bool) -> ExportMani
         have = read_manifest(out)
         check_request(have, folder=out, **{k: v for k, v in request.items() if not k.startswith("_")})
         if have.dynamic_batch != request.get("_dynamic") or have.opset != request.get("_opset") \
-                or have.vae_precision != request.get("_vae_precision") or have.exporter != request.get("_exporter"):
-            raise ManifestMismatchError("export options differ (dynamic batch, opset, exporter or VAE precision).")
+                or have.vae_precision != request.get("_vae_precision") or have.exporter != request.get("_exporter") \
+                or have.batch != request.get("batch"):  # check_request lets a dynamic export serve any batch
+            raise ManifestMismatchError("export options differ (batch, dynamic batch, opset, exporter or VAE precision).")
     except MvzError as err:
         if force:
             return None

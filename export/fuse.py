@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvz.errors import CheckpointError, summarize_keys
+from mvz.errors import CheckpointError, describe_key_mismatch
 from mvz.models.lora import LORA_TARGETS, has_lora, read_lora_file
 
 
@@ -40,29 +40,14 @@ def lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> d
     sd, rank, alpha = read_lora_file(lora_path)
     alpha = float(rank if alpha is None else alpha)
     targets = lora_target_modules(unet)
-    modules_in_file = {k.rsplit(".lora_", 1)[0] for k in sd}
-    missing = set(targets) - modules_in_file
-    unexpected = modules_in_file - set(targets)
-    unpaired = [m for m in modules_in_file if f"{m}.lora_A.weight" not in sd or f"{m}.lora_B.weight" not in sd]
-    bad_shape = []
-    for m in sorted(modules_in_file & set(targets)):
-        if m in unpaired:
-            continue
-        a, b, lin = sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"], targets[m]
-        if a.shape != (rank, lin.in_features) or b.shape != (lin.out_features, rank):
-            bad_shape.append(f"{m}: A{tuple(a.shape)} B{tuple(b.shape)} vs Linear({lin.in_features}->{lin.out_features})")
-    if missing or unexpected or unpaired or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} target modules without LoRA weights ({summarize_keys(missing, 2)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} modules not in this UNet ({summarize_keys(unexpected, 2)})")
-        if unpaired:
-            parts.append(f"{len(unpaired)} without both lora_A and lora_B ({summarize_keys(unpaired, 2)})")
-        if bad_shape:
-            parts.append(f"{len(bad_shape)} with wrong shapes (e.g. {bad_shape[0]})")
+    expected = {}
+    for m, lin in targets.items():  # the keys and shapes a LoRA of this rank must have for this UNet
+        expected[f"{m}.lora_A.weight"] = torch.empty(rank, lin.in_features, device="meta")
+        expected[f"{m}.lora_B.weight"] = torch.empty(lin.out_features, rank, device="meta")
+    problem = describe_key_mismatch(sd, expected, noun="LoRA keys")
+    if problem:
         raise CheckpointError(
-            f"LoRA {lora_path} does not fit this model: " + "; ".join(parts) + ".",
+            f"LoRA {lora_path} does not fit this model: {problem}.",
             "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).",
         )
     factor = float(scale) * alpha / rank

@@ -75,7 +75,8 @@ def model_fingerprint(model) -> str:
                 for name, t in sorted(module.state_dict().items()):
                     if "lora_" in name:
                         continue
-                    h.update(name.encode())
+                    # an attached PEFT LoRA renames the wrapped weights (``to_q.base_layer.weight``)
+                    h.update(name.replace(".base_layer.", ".").encode())
                     h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 

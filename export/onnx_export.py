@@ -127,23 +127,20 @@ def export_graph(
     input_names: Sequence[str],
     output_names: Sequence[str],
     *,
-    opset: int = MIN_OPSET,
-    exporter: str = "torchscript",
-    dynamic_batch: bool = False,
-    batch_inputs: Sequence[str] | None = None,
     fold_constants: bool = True,
     external_data: bool | None = None,
+    **trace_options,
 ) -> SavedGraph:
     """Trace ``module`` into a clean, checked ``path`` (its folder must exist; the raw export is staged in
-    a temp folder beside it and removed)."""
+    a temp folder beside it and removed). ``trace_options`` go to :func:`trace_to_onnx` (``opset``,
+    ``exporter``, ``dynamic_batch``, ``batch_inputs``)."""
     import onnx
 
     path = Path(path)
     raw_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.raw.", dir=path.parent))
     try:
         raw = raw_dir / path.name
-        trace_to_onnx(module, args, raw, input_names, output_names, opset=opset, exporter=exporter,
-                      dynamic_batch=dynamic_batch, batch_inputs=batch_inputs)
+        trace_to_onnx(module, args, raw, input_names, output_names, **trace_options)
         model = onnx.load(str(raw), load_external_data=True)
         model = clean_graph(model, fold_constants=fold_constants)
         return save_graph(model, path, external_data=external_data)

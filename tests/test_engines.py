@@ -13,20 +13,29 @@ from engines import BACKENDS, available_backends, create_backend  # noqa: E402
 from export.exporter import export_model  # noqa: E402
 from mvz.errors import BackendUnavailableError, InputError, ManifestMismatchError  # noqa: E402
 
-RES = 64
+RES = 32  # same export request as tests/test_export.py (2 views, 32 px): whichever runs second reuses it
+VIEWS = 2
+GPU_RES = 64  # GPU tests run the pipeline at the tiny model's default resolution and 6 views
 
 
 @pytest.fixture(scope="module")
-def model():
-    from mvz.models.loading import load_model
-
-    return load_model("tiny", device="cpu", dtype="fp32")
+def model(tiny_model):
+    return tiny_model  # one load per session (conftest); no test here modifies it
 
 
 @pytest.fixture(scope="module")
 def fp32_export(model, tmp_path_factory):
-    # same folder and request as tests/test_export.py: whichever runs second reuses the export
-    return export_model(model, tmp_path_factory.getbasetemp() / "shared_tiny_fp32", precision="fp32", height=RES)
+    return export_model(model, tmp_path_factory.getbasetemp() / "shared_tiny_fp32", precision="fp32", height=RES,
+                        num_views=VIEWS)
+
+
+def _sample(model, backend=None, views=VIEWS, res=RES, steps=2):
+    from mvz.models.cameras import CameraSet
+    from mvz.pipeline import MultiviewPipeline
+
+    kw = {"denoiser": backend.denoiser, "decoder": backend.decoder} if backend is not None else {}
+    pipe = MultiviewPipeline(model, num_views=views, **kw)
+    return pipe.sample(["a red chair"], [3], steps=steps, cameras=CameraSet.default(views), height=res, width=res).images
 
 
 def _has_tensorrt() -> str | None:
@@ -44,27 +53,72 @@ def test_available_backends_lists_every_backend_with_reasons():
 
 
 def test_onnxruntime_images_agree_with_torch(model, fp32_export):
-    from mvz.pipeline import MultiviewPipeline
-
-    backend = create_backend("onnxruntime", model, engines_dir=fp32_export.folder, num_views=6, height=RES, width=RES,
+    backend = create_backend("onnxruntime", model, engines_dir=fp32_export.folder, num_views=VIEWS, height=RES, width=RES,
                              batch=1, device="cpu")
     assert backend.name == "onnxruntime" and backend.info["provider"] == "CPUExecutionProvider"
     assert backend.info["manifest"]["precision"] == "fp32"
-    ref = MultiviewPipeline(model).sample(["a red chair"], [3], steps=4)
-    out = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder).sample(["a red chair"], [3], steps=4)
-    assert out.images.shape == ref.images.shape == (1, 6, 3, RES, RES)
+    ref, out = _sample(model), _sample(model, backend)
+    assert out.shape == ref.shape == (1, VIEWS, 3, RES, RES)
     # stated tolerance for fp32 ORT vs torch: 1e-3 max abs on [0,1] pixels
-    assert (out.images - ref.images).abs().max() < 1e-3
+    assert (out - ref).abs().max() < 1e-3
+
+
+class _FakeGraph:
+    """A static graph of ``rows`` rows that records its calls; each output row depends on its own inputs only."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, []
+
+    def run(self, tensors):
+        self.calls.append({k: tuple(v.shape) for k, v in tensors.items()})
+        x = tensors["sample"] if "sample" in tensors else tensors["latents"]
+        assert x.shape[0] == self.rows
+        extra = tensors["cam_3"].flatten(1).sum(1)[:, None, None, None] if "cam_3" in tensors else 0
+        return x * 2 + extra + (tensors["timestep"] if "timestep" in tensors else 0)
+
+
+def test_graph_backends_pass_inputs_by_name_and_pad_short_batches():
+    from engines.base import GraphDecoder, GraphDenoiser
+    from export.wrappers import UNET_INPUTS
+
+    g = _FakeGraph(rows=4)  # exported for 2 prompts x 2 views
+    den = GraphDenoiser(g, num_views=2, name="fake")
+    rows = 2  # one prompt: padded to 4 rows, the padding dropped
+    args = [torch.randn(rows, 4, 2, 2), torch.tensor([7.0]), *[torch.randn(rows, 3) for _ in range(4)],
+            *[torch.randn(rows, 5, 2, 2) for _ in range(4)]]
+    eps = den(*args)
+    assert eps.shape == args[0].shape and set(g.calls[0]) == set(UNET_INPUTS)
+    torch.testing.assert_close(eps, args[0] * 2 + args[-1].flatten(1).sum(1)[:, None, None, None] + 7.0)
+    six = [torch.cat([a] * 3) if a.shape[0] == rows else a for a in args]  # 3 prompts: 4 + 2 (padded) rows
+    assert den(*six).shape[0] == 6 and [c["sample"][0] for c in g.calls[1:]] == [4, 4]
+    with pytest.raises(ManifestMismatchError, match="whole prompts"):
+        den(*[a[:1] if a.shape[0] == rows else a for a in args])  # half a prompt
+    dec = GraphDecoder(_FakeGraph(rows=4), "fake")
+    z = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(dec(z), z * 2)
+
+
+def test_corrupt_graph_is_refused_in_one_line(model, fp32_export, tmp_path):
+    import shutil
+
+    from mvz.errors import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fp32_export.folder, broken)
+    f = broken / "vae_decoder.onnx"
+    f.write_bytes(b"\x07" * f.stat().st_size)  # same size: only loading it can tell
+    with pytest.raises(CheckpointError, match="cannot load"):
+        create_backend("onnxruntime", model, engines_dir=broken, num_views=VIEWS, height=RES, width=RES, batch=1, device="cpu")
 
 
 def test_export_that_does_not_fit_is_refused(model, fp32_export, tmp_path):
     kw = {"engines_dir": fp32_export.folder, "device": "cpu", "height": RES, "width": RES}
-    with pytest.raises(ManifestMismatchError, match="views 6 != 4"):
+    with pytest.raises(ManifestMismatchError, match=f"views {VIEWS} != 4"):
         create_backend("onnxruntime", model, num_views=4, batch=1, **kw)
     with pytest.raises(ManifestMismatchError, match="batch"):
-        create_backend("onnxruntime", model, num_views=6, batch=2, **kw)
+        create_backend("onnxruntime", model, num_views=VIEWS, batch=2, **kw)
     with pytest.raises(ManifestMismatchError, match="resolution"):
-        create_backend("onnxruntime", model, num_views=6, batch=1, engines_dir=fp32_export.folder, device="cpu", height=128, width=128)
+        create_backend("onnxruntime", model, num_views=VIEWS, batch=1, engines_dir=fp32_export.folder, device="cpu", height=64, width=64)
     # a model that carries a LoRA against a LoRA-free export
     lora = tmp_path / "l.safetensors"
     lora.write_bytes(b"x")
@@ -72,9 +126,9 @@ def test_export_that_does_not_fit_is_refused(model, fp32_export, tmp_path):
     m2.info = copy.copy(model.info)
     m2.info.lora, m2.info.lora_scale = str(lora), 1.0
     with pytest.raises(ManifestMismatchError, match="LoRA"):
-        create_backend("onnxruntime", m2, num_views=6, batch=1, **kw)
+        create_backend("onnxruntime", m2, num_views=VIEWS, batch=1, **kw)
     with pytest.raises(Exception, match="holds no mvz export|does not exist"):
-        create_backend("onnxruntime", model, num_views=6, batch=1, engines_dir=tmp_path, device="cpu", height=RES, width=RES)
+        create_backend("onnxruntime", model, num_views=VIEWS, batch=1, engines_dir=tmp_path, device="cpu", height=RES, width=RES)
 
 
 def test_unavailable_backends_say_why(model):
@@ -100,8 +154,8 @@ def test_fused_qkv_matches_the_unfused_unet(model):
     from export.wrappers import UNetWrapper, unet_example_inputs
 
     unet = copy.deepcopy(model.unet)
-    args = unet_example_inputs(model, torch.float32, 6, RES, RES)
-    wrap = UNetWrapper(unet, 6, RES // 8, RES // 8)
+    args = unet_example_inputs(model, torch.float32, VIEWS, RES, RES)
+    wrap = UNetWrapper(unet, VIEWS, RES // 8, RES // 8)
     with torch.no_grad():
         ref = wrap(*args)
         n = fuse_qkv(unet)
@@ -130,7 +184,7 @@ def test_cudagraph_backend_matches_eager():
 
     m = load_model("tiny", device="cuda", dtype="fp16")
     ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
-    b = create_backend("torch-cudagraph", m, device="cuda", height=RES)
+    b = create_backend("torch-cudagraph", m, device="cuda", height=GPU_RES)
     out = MultiviewPipeline(m, denoiser=b.denoiser, decoder=b.decoder).sample(["a chair"], [0], steps=4).images
     assert (out - ref).abs().max() < 2e-2
 
@@ -146,13 +200,13 @@ def test_tensorrt_build_run_and_refit(tmp_path):
     from mvz.pipeline import MultiviewPipeline
 
     m = load_model("tiny", device="cuda", dtype="fp16")
-    exp = export_model(m, tmp_path / "fp16", precision="fp16", height=RES)
+    exp = export_model(m, tmp_path / "fp16", precision="fp16", height=GPU_RES)
     em = build_engines(exp.folder, refittable=True, timing_cache=tmp_path / "timing.cache")
     assert set(em.engines) == {"unet", "vae_decoder"} and (tmp_path / "timing.cache").is_file()
     again = build_engines(exp.folder, refittable=True, timing_cache=tmp_path / "timing.cache")
     assert again.engines["unet"].build_seconds == em.engines["unet"].build_seconds  # reused, not rebuilt
-    trt_b = create_backend("tensorrt", m, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1, device="cuda")
-    ort_b = create_backend("onnxruntime", m, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1,
+    trt_b = create_backend("tensorrt", m, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1, device="cuda")
+    ort_b = create_backend("onnxruntime", m, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1,
                            device="cuda", providers="cuda") if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers() else None
     ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
     out = MultiviewPipeline(m, denoiser=trt_b.denoiser, decoder=trt_b.decoder).sample(["a chair"], [0], steps=4).images
@@ -171,7 +225,7 @@ def test_tensorrt_build_run_and_refit(tmp_path):
                 p.normal_(0, 0.05)
     lora = save_lora(unet, tmp_path / "lora.safetensors")
     ml = load_model("tiny", device="cuda", dtype="fp16", lora=str(lora))
-    trt_l = create_backend("tensorrt", ml, engines_dir=exp.folder, num_views=6, height=RES, width=RES, batch=1, device="cuda")
+    trt_l = create_backend("tensorrt", ml, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1, device="cuda")
     assert trt_l.info["refit"]["weights"] > 0
     ref_l = MultiviewPipeline(ml).sample(["a chair"], [0], steps=4).images
     out_l = MultiviewPipeline(ml, denoiser=trt_l.denoiser, decoder=trt_l.decoder).sample(["a chair"], [0], steps=4).images

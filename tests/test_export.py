@@ -30,14 +30,16 @@ from export.refit_map import build_refit_map, lora_changed_names, mapped_weights
 from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs  # noqa: E402
 from mvz.errors import CheckpointError, ManifestMismatchError, MvzError  # noqa: E402
 
-RES = 64
+# The smallest export that still tests the real thing: 2 views (row attention across views), 32 px (the
+# tiny model's resolution multiple). Exports are the slow part (~20-30 s each on 2 cores): one fp32, one
+# fp32 with a LoRA, one fp16 (through the CLI); test_engines reuses the fp32 one.
+RES = 32
+VIEWS = 2
 
 
 @pytest.fixture(scope="module")
-def model():
-    from mvz.models.loading import load_model
-
-    return load_model("tiny", device="cpu", dtype="fp32")
+def model(tiny_model):
+    return tiny_model  # one load per session (conftest); no test here modifies it
 
 
 def make_lora(model, path, seed: int = 0, rank: int = 4):
@@ -60,40 +62,54 @@ def lora_file(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fused_lora_unet(model, lora_file):
+    """The UNet with the LoRA fused at scale 0.8 (shared); ``.model_unchanged``: fusion left ``model`` as it was."""
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    fused = fused_unet(model.unet, lora_file, scale=0.8)
+    after = model.unet.state_dict()
+    fused.model_unchanged = set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    return fused
+
+
+@pytest.fixture(scope="module")
 def base_export(model, tmp_path_factory):
     """fp32, no LoRA; shared with test_engines (same folder + same request -> reused, not re-exported)."""
-    return export_model(model, tmp_path_factory.getbasetemp() / "shared_tiny_fp32", precision="fp32", height=RES)
+    return export_model(model, tmp_path_factory.getbasetemp() / "shared_tiny_fp32", precision="fp32", height=RES,
+                        num_views=VIEWS)
 
 
 @pytest.fixture(scope="module")
 def lora_export(model, lora_file, tmp_path_factory):
     return export_model(model, tmp_path_factory.mktemp("exp") / "lora_fp32", precision="fp32", height=RES,
-                        lora=lora_file, lora_scale=0.8)
+                        num_views=VIEWS, lora=lora_file, lora_scale=0.8)
 
 
 def _unet_out(unet, args):
     with torch.no_grad():
-        return UNetWrapper(unet, 6, RES // 8, RES // 8)(*args)
+        return UNetWrapper(unet, VIEWS, RES // 8, RES // 8)(*args)
 
 
 # ---- fusion ---------------------------------------------------------------------------------------
-def test_fusion_equals_unfused_lora_and_leaves_model_unchanged(model, lora_file):
+def test_fusion_equals_unfused_lora_and_leaves_model_unchanged(model, lora_file, fused_lora_unet):
     from mvz.models.lora import load_lora
 
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    args = unet_example_inputs(model, torch.float32, 6, RES, RES)
-    fused = fused_unet(model.unet, lora_file, scale=0.8)
+    args = unet_example_inputs(model, torch.float32, VIEWS, RES, RES)
+    fused = fused_lora_unet
     peft = copy.deepcopy(model.unet)
     load_lora(peft, lora_file, scale=0.8)
     ref = _unet_out(peft, args)
     out = _unet_out(fused, args)
     assert (out - _unet_out(model.unet, args)).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    # a UNet that carries PEFT layers fuses to the same weights
-    torch.testing.assert_close(_unet_out(fused_unet(peft), args), ref, atol=2e-5, rtol=1e-4)
+    # a UNet that carries PEFT layers fuses to the same weights (compared directly: no extra forward)
+    merged = fused_unet(peft).state_dict()
+    assert merged.keys() == fused.state_dict().keys()
+    for k, v in fused.state_dict().items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
     after = model.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
-    assert not getattr(model.unet, "peft_config", None)
+    assert fused.model_unchanged and not getattr(model.unet, "peft_config", None)
 
 
 def test_lora_that_does_not_fit_is_refused(model, tmp_path):
@@ -124,11 +140,12 @@ def test_fp32_export_matches_pytorch_tightly(base_export):
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
     ins, outs = graph_io(base_export.folder / "unet.onnx")
     assert [i["name"] for i in ins] == list(UNET_INPUTS)
-    assert ins[0]["shape"] == [6, 4, RES // 8, RES // 8] and ins[1] == {"name": "timestep", "shape": [1], "dtype": "float32"}
+    assert ins[0]["shape"] == [VIEWS, 4, RES // 8, RES // 8] and ins[1] == {"name": "timestep", "shape": [1], "dtype": "float32"}
     assert outs[0]["name"] == "eps"
 
 
-def test_fp32_lora_export_matches_and_refit_map_covers_exactly_the_lora_weights(model, base_export, lora_export, lora_file):
+def test_fp32_lora_export_matches_and_refit_map_covers_exactly_the_lora_weights(model, base_export, lora_export, lora_file,
+                                                                                 fused_lora_unet):
     import onnx
     from onnx import numpy_helper
 
@@ -137,7 +154,7 @@ def test_fp32_lora_export_matches_and_refit_map_covers_exactly_the_lora_weights(
     assert all(m.graphs[g].parity["status"] == "pass" for g in ("unet", "vae_decoder"))
     base_map = json.loads((base_export.folder / "refit_map.json").read_text())
     assert not base_map["unmapped"] and not base_map["shared"]
-    fused = fused_unet(model.unet, lora_file, 0.8)
+    fused = fused_lora_unet
     changed = changed_weights(model.unet, fused)
     assert changed == lora_changed_names(model.unet, lora_file, 0.8)
     # initializers that differ between the base and the LoRA graphs == the mapped names of the changed weights
@@ -171,8 +188,8 @@ def test_manifest_round_trips_and_mismatches_are_refused(model, base_export, tmp
 
     m = read_manifest(base_export.folder)
     assert ExportManifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
-    check_request(m, model_fp=model_fingerprint(model), lora=None, num_views=6, height=RES, width=RES, batch=1, precision="fp32")
-    for bad in ({"num_views": 4}, {"height": 128, "width": 128}, {"batch": 2}, {"precision": "fp16"},
+    check_request(m, model_fp=model_fingerprint(model), lora=None, num_views=VIEWS, height=RES, width=RES, batch=1, precision="fp32")
+    for bad in ({"num_views": 4}, {"height": 64, "width": 64}, {"batch": 2}, {"precision": "fp16"},
                 {"model_fp": "0" * 32}, {"model_name": "sdxl-lcm"},
                 {"lora": {"path": "x.safetensors", "sha256": "0" * 64, "scale": 1.0}}):
         with pytest.raises(ManifestMismatchError, match="mvz export"):
@@ -193,10 +210,12 @@ def test_manifest_round_trips_and_mismatches_are_refused(model, base_export, tmp
 
 
 def test_existing_export_is_reused_and_foreign_content_refused(model, base_export, tmp_path):
-    again = export_model(model, base_export.folder, precision="fp32", height=RES)
+    again = export_model(model, base_export.folder, precision="fp32", height=RES, num_views=VIEWS)
     assert again.reused
     with pytest.raises(MvzError, match="another export"):
         export_model(model, base_export.folder, precision="fp32", height=RES, num_views=4)
+    with pytest.raises(MvzError, match="another export"):
+        export_model(model, base_export.folder, precision="fp32", height=RES, num_views=VIEWS, batch=2)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
@@ -234,7 +253,7 @@ def _cli(args, capsys):
 
 def test_cli_fp16_export_end_to_end(tmp_path, capsys):
     out = tmp_path / "fp16"
-    code, text = _cli(["export", "--model", "tiny", "--out", str(out), "--resolution", str(RES)], capsys)
+    code, text = _cli(["export", "--model", "tiny", "--out", str(out), "--resolution", str(RES), "--views", str(VIEWS)], capsys)
     assert code == 0, text
     assert "engines need TensorRT and an NVIDIA GPU" in " ".join(text.split())  # no TensorRT here
     m = read_manifest(out)
@@ -275,3 +294,18 @@ def test_cli_bad_inputs_exit_2(base_export, lora_file, tmp_path, capsys):
 def test_cli_help_is_cheap():
     r = subprocess.run([sys.executable, "-m", "mvz", "export", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--onnx-only" in r.stdout and "--refittable" in r.stdout
+
+
+def test_fingerprint_of_random_weights_ignores_an_attached_lora(model, lora_file):
+    """A random-weight model (fingerprinted by its parameters) keeps its fingerprint when a LoRA is attached
+    (PEFT renames the wrapped weights to ``*.base_layer.weight``)."""
+    from export.manifest import model_fingerprint
+    from mvz.models.lora import load_lora
+
+    m = copy.copy(model)
+    m.info = copy.copy(model.info)
+    m.info.random_weights = True
+    m.unet = copy.deepcopy(model.unet)
+    before = model_fingerprint(m)
+    load_lora(m.unet, lora_file)
+    assert model_fingerprint(m) == before
