@@ -86,3 +86,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and check it can be written; a one-line MvzError otherwise.
+
+    Called before any long work starts, so a bad output location fails in a second, not after the run.
+    """
+    from mvz.errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mvz-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"{what} {folder} is not writable ({exc.strerror or exc}).", "Choose a folder you can write to."
+        ) from None
+    return folder

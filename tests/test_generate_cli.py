@@ -96,3 +96,12 @@ def test_info_json(capsys):
 def test_usage_error_exits_2(capsys):
     assert run_cli(["generate", "--bogus-option"]) == 2
     assert "No such option" in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run_cli(["generate", "x", "--model", "tiny", "--out", str(blocker / "o.png")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert run_cli(["export", "--model", "tiny", "--onnx-only", "--out", str(blocker / "sub" / "exp")]) == 2
+    assert "not writable" in capsys.readouterr().err

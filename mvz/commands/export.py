@@ -56,6 +56,9 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
         raise InputError(f"--lora {lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
     if not 0 <= opt_level <= 5:
         raise InputError(f"--opt-level must be 0..5, got {opt_level}.")
+    from mvz.atomic import ensure_writable_dir
+
+    ensure_writable_dir(out.parent if out.parent != out else out, "export folder's parent")
 
     from export.exporter import export_model
     from mvz.models.loading import load_model, resolve_device

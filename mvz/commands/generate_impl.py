@@ -95,6 +95,12 @@ def _check_request(req: GenerateRequest) -> list[str]:
         raise InputError(f"unknown backend {req.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
     if req.out is not None and req.out.suffix.lower() != ".png":
         raise InputError(f"--out {req.out} must be a .png file.")
+    from mvz.atomic import ensure_writable_dir
+
+    if req.out_dir is not None:
+        ensure_writable_dir(req.out_dir, "--out-dir")
+    else:
+        ensure_writable_dir((req.out or Path("out.png")).parent, "the folder of --out")
     if req.lora is not None and not req.lora.exists():
         raise InputError(f"LoRA {req.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
     return prompts
