@@ -53,6 +53,9 @@ class ExportResult:
 
 def vae_fp16_safe(model) -> bool:
     """fp16 VAE only with the fp16-fix weights (the stock SDXL VAE overflows to NaN); tiny is random."""
+    known = getattr(model.info, "vae_fp16_safe", None)
+    if known is not None:  # decided by load_model, which knows whether --vae-model replaced the preset's VAE
+        return bool(known)
     vae_src = str(model.info.sources.get("vae", ""))
     return model.info.name in ("tiny", "sdxl-lcm") or "fp16-fix" in vae_src or "fp16_fix" in vae_src
 

@@ -160,3 +160,42 @@ def test_full_size_architecture_matches_published_counts():
 def test_model_card_written(tiny_model):
     card = json.loads((models_dir() / "tiny" / "mvz_model.json").read_text())
     assert card["name"] == "tiny" and card["default_resolution"] == 64
+
+
+def test_vae_fp16_policy_does_not_trust_the_preset_name_for_an_overridden_vae(tmp_path):
+    """The preset name vouches for its own (fp16-fix) VAE only; a --vae-model override runs fp32 unless fp16-fix."""
+    from mvz.models.loading import ResolvedSources, _default_vae_dtype, vae_fp16_safe
+
+    cpu = torch.device("cpu")
+    hub = ResolvedSources(name="sdxl-lcm", vae=tmp_path / "models--madebyollin--sdxl-vae-fp16-fix" / "snapshots" / "x")
+    assert _default_vae_dtype(hub, torch.float16, cpu) == torch.float16
+    stock = ResolvedSources(name="sdxl-lcm", vae=tmp_path / "models--stabilityai--sdxl-vae" / "snapshots" / "x")
+    assert _default_vae_dtype(stock, torch.float16, cpu) == torch.float16  # the preset's own folder: trusted
+    assert _default_vae_dtype(stock, torch.float16, cpu, vae_overridden=True) == torch.float32
+    assert vae_fp16_safe(hub, vae_overridden=True)
+    assert _default_vae_dtype(stock, torch.bfloat16, cpu, vae_overridden=True) == torch.bfloat16
+
+
+def test_decode_runs_in_the_vae_dtype_inside_autocast(tiny_model):
+    """The trainer samples under accelerator.autocast(); an fp32 VAE must still decode in fp32 there."""
+    z = torch.randn(2, tiny_model.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model.decode_latents(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = tiny_model.decode_latents(z)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, ref, rtol=0, atol=1e-6)
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Outputs (images, checkpoints, reports) get the mode a plain write would give, not mkstemp's 0600."""
+    import os
+
+    from mvz.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        out = write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644

@@ -281,7 +281,8 @@ def load_model(
         sched_cfg = json.loads((res.base / "scheduler" / "scheduler_config.json").read_text())
     mv = MultiviewModel(unet, vae, te1, te2, tokenizer, tokenizer_2, cam_adapter, settings, info, sched_cfg)
     mv.to(device=dev, dtype=dt)
-    mv.vae.to(device=dev, dtype=vae_dtype or _default_vae_dtype(res, dt, dev))
+    info.vae_fp16_safe = vae_fp16_safe(res, vae_overridden=bool(vae_model))
+    mv.vae.to(device=dev, dtype=vae_dtype or _default_vae_dtype(res, dt, dev, vae_overridden=bool(vae_model)))
     mv.eval()
     if lora:
         from mvz.models.lora import load_lora
@@ -303,13 +304,19 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _default_vae_dtype(res: ResolvedSources, dt: torch.dtype, dev: torch.device) -> torch.dtype:
-    """fp16 VAE only with the fp16-fix weights (or random/tiny weights); otherwise fp32."""
+def _default_vae_dtype(res: ResolvedSources, dt: torch.dtype, dev: torch.device, vae_overridden: bool = False) -> torch.dtype:
+    """fp16 VAE only with the fp16-fix weights (or random/tiny weights); otherwise fp32.
+
+    The preset name vouches for the preset's own VAE only: a ``--vae-model`` override (e.g. the original
+    SDXL VAE, which overflows in fp16) must carry "fp16-fix" in its path to run in fp16."""
     if dt != torch.float16:
         return dt
+    return torch.float16 if vae_fp16_safe(res, vae_overridden) else torch.float32
+
+
+def vae_fp16_safe(res: ResolvedSources, vae_overridden: bool = False) -> bool:
     vae_name = str(res.vae or "")
-    fp16_safe = "fp16-fix" in vae_name or res.name in ("tiny", "sdxl-lcm")
-    return torch.float16 if fp16_safe else torch.float32
+    return "fp16-fix" in vae_name or "fp16_fix" in vae_name or (not vae_overridden and res.name in ("tiny", "sdxl-lcm"))
 
 
 def _random_tokenizers() -> Path:

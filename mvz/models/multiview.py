@@ -26,6 +26,7 @@ class ModelInfo:
     random_weights: bool = False
     lora: str | None = None
     lora_scale: float = 1.0
+    vae_fp16_safe: bool | None = None  # whether the VAE weights may run in fp16 (fp16-fix); None = unknown
 
 
 @dataclass
@@ -163,8 +164,13 @@ class MultiviewModel:
 
     # ---- latents <-> images -----------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """[N,4,h,w] -> images [N,3,H,W] in [0,1]."""
+        """[N,4,h,w] -> images [N,3,H,W] in [0,1].
+
+        Runs in the VAE's own dtype even inside an autocast region (the trainer samples under
+        ``accelerator.autocast()``): autocast would run an fp32 VAE's convolutions in fp16, which the
+        non-fp16-fix SDXL VAE overflows (NaN images)."""
         vae_dtype = next(self.vae.parameters()).dtype
         scaled = latents.to(vae_dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(scaled, return_dict=False)[0]
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            images = self.vae.decode(scaled, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
