@@ -155,6 +155,24 @@ def test_nan_reward_stops_with_message(tmp_path, tiny_model):
         tr.train()
 
 
+def test_nan_loss_stops_before_the_optimizer_step(tmp_path, tiny_model):
+    from mvz.errors import TrainingDivergedError
+
+    tr = make_trainer(tmp_path, tiny_model, ["logging.sample_grid=false"]).setup()
+    before = [p.detach().clone() for p in tr.params]
+    real = tr.micro_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    tr.micro_loss = nan_loss
+    with pytest.raises(TrainingDivergedError, match="the loss became NaN/inf"):
+        tr.train()
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, tr.params, strict=True)), "NaN step was applied"
+
+
 def test_saved_lora_loads_in_mvz_and_peft(tmp_path, tiny_model):
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file

@@ -363,7 +363,7 @@ class Trainer:
         ga = t.gradient_accumulation_steps
         losses, kls, fracs, norms = [], [], [], []
         micro = 0
-        bad_loss = False
+        bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
         for _ in range(t.num_inner_epochs):
             rng.shuffle(order)
             for p in order:
@@ -375,21 +375,20 @@ class Trainer:
                     with ctx:
                         with acc.autocast():
                             out = self.micro_loss(roll, target, p, j)
-                        if not torch.isfinite(out.loss.detach()):
-                            if acc.num_processes == 1:
-                                self._diverged("the loss", epoch, it)
-                            # multi-process: keep in step with the other ranks (a rank that raised alone would
-                            # leave them waiting in the gradient all-reduce); all ranks stop at the sync below
-                            bad_loss = True
+                        # a device-side flag, read once per optimiser step (no host sync per micro-step); with
+                        # several processes every rank keeps in step and all stop together at the sync below
+                        bad_loss = bad_loss | ~torch.isfinite(out.loss.detach())
                         acc.backward(out.loss / ga)
                     losses.append(out.loss.detach().float())
                     kls.append(out.approx_kl.float())
                     fracs.append(out.clipfrac.float())
                     if sync:
+                        flag = bad_loss.float().reshape(1)
                         if acc.num_processes > 1:
-                            flag = acc.reduce(torch.tensor([float(bad_loss)], device=self.device), reduction="sum")
-                            if float(flag.item()) > 0:
-                                self._diverged("the loss (on at least one process)", epoch, it)
+                            flag = acc.reduce(flag, reduction="sum")
+                        if float(flag.item()) > 0:  # before the step: NaN gradients are never applied
+                            self._diverged("the loss" + (" (on at least one process)" if acc.num_processes > 1 else ""),
+                                           epoch, it)
                         norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
                         norm_v = float(norm) if norm is not None else float("nan")
                         if acc.scaler is None and not math.isfinite(norm_v):
