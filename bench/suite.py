@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -67,18 +65,6 @@ class BenchConfig:
     out: str = "bench-report"
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any measuring when the report folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mvz-bench-probe.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"report folder {folder} is not writable ({exc.strerror or exc}).",
-                         "Pass --out with a folder you can write to.") from None
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -107,13 +93,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
     from bench import backends as bk
     from bench import env as benv
     from bench.stats import ratio
-    from mvz.commands.common import read_prompt_file
+    from mvz.atomic import ensure_writable_dir
     from mvz.models.cameras import CameraSet
     from mvz.models.loading import load_model
+    from mvz.prompts import read_prompt_file
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(cfg.out).expanduser()
-    check_writable(out)  # before anything is measured
+    # before anything is measured
+    ensure_writable_dir(out, "report folder", fix="Pass --out with a folder you can write to.")
     if cfg.runs < 1 or cfg.warmup < 0:
         raise InputError(f"--runs must be >= 1 and --warmup >= 0 (got {cfg.runs}, {cfg.warmup}).")
     if cfg.quality not in ("auto", "on", "off"):

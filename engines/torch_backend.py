@@ -21,6 +21,7 @@ from torch import nn
 from engines.base import Backend, to_device
 from mvz.errors import BackendUnavailableError
 from mvz.models.attention import MVRowAttnProcessor, _heads_merge, _heads_split, row_multiview_attention
+from mvz.pipeline import TorchDecoder, TorchDenoiser
 
 
 class FusedQKVMVProcessor(nn.Module):
@@ -107,29 +108,6 @@ def optimize_unet(unet: nn.Module, *, qkv: bool = True, channels_last: bool = Tr
     return done
 
 
-class ModuleDenoiser:
-    """The Denoiser contract over any callable with the UNet's signature (compiled, graphed, eager)."""
-
-    def __init__(self, model, num_views: int, unet: Callable | None = None, channels_last: bool = False, name: str = "torch"):
-        self.model = model
-        self.num_views = num_views
-        self.unet = unet if unet is not None else model.unet
-        self.channels_last = channels_last
-        self.name = name
-
-    def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        s = self.model.mv_settings
-        s.num_views = self.num_views
-        s.latent_height, s.latent_width = int(sample.shape[-2]), int(sample.shape[-1])
-        if self.channels_last:
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        return self.unet(
-            sample, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
-            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-            down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3], return_dict=False,
-        )[0]
-
-
 class CudaGraphRunner:
     """Capture ``fn(*tensors)`` once per input signature into a CUDA graph; replay with the inputs copied
     into static buffers (fixed addresses). Returns a clone of the static output."""
@@ -160,10 +138,10 @@ class CudaGraphRunner:
         return static_out.clone()
 
 
-class GraphedDenoiser(ModuleDenoiser):
+class GraphedDenoiser(TorchDenoiser):
     def __init__(self, model, num_views: int, unet: Callable | None = None, channels_last: bool = True):
         super().__init__(model, num_views, unet, channels_last, name="torch-cudagraph")
-        self._runner = CudaGraphRunner(lambda *a: ModuleDenoiser.__call__(self, *a))
+        self._runner = CudaGraphRunner(lambda *a: TorchDenoiser.__call__(self, *a))
 
     def __call__(self, *args):
         s = self.model.mv_settings  # python-level settings must be right before capture/replay
@@ -195,8 +173,6 @@ def create_torch_backend(name: str, model, *, num_views: int, device, compile_mo
     if model is None:
         raise BackendUnavailableError(f"the {name} backend needs a loaded model.", "Load one with mvz.models.loading.load_model.")
     dev = to_device(device)
-    from mvz.pipeline import TorchDecoder, TorchDenoiser
-
     info = {"provider": "torch", "device": str(dev), "precision": str(model.dtype).replace("torch.", "")}
     if name == "torch":
         return Backend("torch", TorchDenoiser(model, num_views), TorchDecoder(model), info)
@@ -210,7 +186,7 @@ def create_torch_backend(name: str, model, *, num_views: int, device, compile_mo
         compiled_unet = torch.compile(model.unet, mode=mode, fullgraph=False, dynamic=False)
         compiled_vae = torch.compile(VAEDecode(model), mode=mode, dynamic=False)
         info["compile_mode"] = mode
-        return Backend(name, ModuleDenoiser(model, num_views, compiled_unet, opts["channels_last"], name),
+        return Backend(name, TorchDenoiser(model, num_views, compiled_unet, opts["channels_last"], name),
                        CallableDecoder(compiled_vae, name), info)
     if name == "torch-cudagraph":
         vae = CudaGraphRunner(VAEDecode(model))

@@ -96,7 +96,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
+def ensure_writable_dir(
+    folder: str | os.PathLike, what: str = "output folder", fix: str = "Choose a folder you can write to."
+) -> Path:
     """Create ``folder`` if needed and check it can be written; a one-line MvzError otherwise.
 
     Called before any long work starts, so a bad output location fails in a second, not after the run.
@@ -110,7 +112,5 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") 
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise InputError(
-            f"{what} {folder} is not writable ({exc.strerror or exc}).", "Choose a folder you can write to."
-        ) from None
+        raise InputError(f"{what} {folder} is not writable ({exc.strerror or exc}).", fix) from None
     return folder

@@ -52,19 +52,26 @@ class Decoder(Protocol):
 
 
 class TorchDenoiser:
-    """The eager PyTorch backend of the Denoiser contract (gradients flow if the caller enables them)."""
+    """The PyTorch backend of the Denoiser contract (gradients flow if the caller enables them).
 
-    name = "torch"
+    ``unet`` may be any callable with the UNet's signature (e.g. a ``torch.compile``'d UNet); default the
+    model's own. ``channels_last`` feeds the sample in channels-last memory format.
+    """
 
-    def __init__(self, model: MultiviewModel, num_views: int):
+    def __init__(self, model: MultiviewModel, num_views: int, unet=None, channels_last: bool = False, name: str = "torch"):
         self.model = model
         self.num_views = num_views
+        self.unet = unet if unet is not None else model.unet
+        self.channels_last = channels_last
+        self.name = name
 
     def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
         s = self.model.mv_settings
         s.num_views = self.num_views
         s.latent_height, s.latent_width = int(sample.shape[-2]), int(sample.shape[-1])
-        return self.model.unet(
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return self.unet(
             sample,
             timestep,
             encoder_hidden_states=prompt_embeds,
@@ -131,7 +138,8 @@ class SampleResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def validate_request(prompts: Sequence[str], steps: int, num_views: int, height: int, width: int, multiple: int) -> None:
+def validate_sampling(prompts: Sequence[str], steps: int, num_views: int) -> None:
+    """The checks that need no model: prompts, step count, view count."""
     if not prompts:
         raise InputError("no prompt given.", "Pass a prompt or a --prompts file with one prompt per line.")
     for p in prompts:
@@ -141,6 +149,10 @@ def validate_request(prompts: Sequence[str], steps: int, num_views: int, height:
         raise InputError(f"--steps must be between 1 and 50 (LCM's 50 original steps), got {steps}.")
     if num_views < 1:
         raise InputError(f"--views must be at least 1, got {num_views}.")
+
+
+def validate_request(prompts: Sequence[str], steps: int, num_views: int, height: int, width: int, multiple: int) -> None:
+    validate_sampling(prompts, steps, num_views)
     for side, value in (("height", height), ("width", width)):
         if value < multiple or value % multiple:
             raise InputError(

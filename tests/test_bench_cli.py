@@ -131,7 +131,7 @@ def test_compare(bench_run: Path, capsys):
 
 
 def test_unwritable_report_folder_fails_before_measuring(tmp_path: Path, capsys, monkeypatch):
-    import bench.suite
+    from mvz.atomic import ensure_writable_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -139,7 +139,7 @@ def test_unwritable_report_folder_fails_before_measuring(tmp_path: Path, capsys,
     assert _run(["bench", *FAST, "--out", str(blocker / "sub")]) == 2
     assert "not writable" in capsys.readouterr().err
     with pytest.raises(Exception, match="not writable"):
-        bench.suite.check_writable(blocker / "sub")
+        ensure_writable_dir(blocker / "sub", "report folder")
 
 
 def test_quality_requested_with_missing_checkpoints_fails(tmp_path: Path, capsys):

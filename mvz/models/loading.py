@@ -136,7 +136,6 @@ def _from_hub(spec: PresetSpec) -> ResolvedSources:
     vae = _hub_path(spec.vae) if spec.vae else None
     res.vae = (vae / "vae" if vae and (vae / "vae" / "config.json").is_file() else vae) if vae else None
     res.adapter = _hub_path(spec.adapter) if spec.adapter else None
-    res._hub_spec = spec  # type: ignore[attr-defined]
     return res
 
 

@@ -7,16 +7,11 @@ from pathlib import Path
 
 from mvz.errors import InputError
 from mvz.paths import mvz_home
+from mvz.prompts import read_prompt_file
 
 SHIPPED = {"simple_animals": "simple_animals.txt"}
 # sets the user brings (licence / not redistributed here): name -> file name looked up under $MVZ_HOME/data
 USER_SETS = {"mate3d": "MATE_3D.txt"}
-
-
-def _read(path: Path | str) -> list[str]:
-    from mvz.commands.common import read_prompt_file
-
-    return read_prompt_file(path)
 
 
 def load_prompt_set(name: str) -> list[str]:
@@ -25,7 +20,7 @@ def load_prompt_set(name: str) -> list[str]:
     if key in SHIPPED:
         res = resources.files("mvz").joinpath("data").joinpath(SHIPPED[key])
         with resources.as_file(res) as path:
-            return _read(path)
+            return read_prompt_file(path)
     if key.lower() in USER_SETS:
         path = mvz_home() / "data" / USER_SETS[key.lower()]
         if not path.is_file():
@@ -34,9 +29,9 @@ def load_prompt_set(name: str) -> list[str]:
                 f"which mvz does not ship; not found at {path}.",
                 f"Copy MVC-ZigAL's mvczigal/data/MATE_3D.txt to {path}, or pass --set prompts.prompt_set=PATH.",
             )
-        return _read(path)
+        return read_prompt_file(path)
     path = Path(key).expanduser()
     if not path.exists() and "/" not in key and "." not in key:
         raise InputError(f"prompt set {key!r} is neither a shipped set ({', '.join([*SHIPPED, *USER_SETS])}) nor a file.",
                          "Pass --prompts FILE (one prompt per line) or a shipped set name.")
-    return _read(path)
+    return read_prompt_file(path)

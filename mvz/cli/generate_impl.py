@@ -51,7 +51,7 @@ def slugify(text: str, limit: int = 48) -> str:
 
 
 def _cameras(req: GenerateRequest):
-    from mvz.commands.common import parse_csv_floats
+    from mvz.cli.common import parse_csv_floats
     from mvz.models.cameras import CameraSet
 
     if req.azimuths:
@@ -69,7 +69,7 @@ def _cameras(req: GenerateRequest):
 
 def _check_request(req: GenerateRequest) -> list[str]:
     """Everything that can be checked before loading a model. Returns the prompts."""
-    from mvz.commands.common import read_prompt_file
+    from mvz.prompts import read_prompt_file
 
     if req.prompt is not None and req.prompts_file is not None:
         raise InputError("give either a prompt or --prompts FILE, not both.")
@@ -83,40 +83,37 @@ def _check_request(req: GenerateRequest) -> list[str]:
         prompts = [req.prompt.strip()]
     else:
         raise InputError("no prompt given.", 'Pass a prompt (mvz generate "a red chair") or --prompts FILE.')
-    if req.steps < 1 or req.steps > 50:
-        raise InputError(f"--steps must be between 1 and 50, got {req.steps}.")
     if req.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {req.batch_size}.")
-    if req.zmv_steps < 1 or req.zmv_steps > req.steps:
-        raise InputError(f"--zmv-steps must be between 1 and --steps ({req.steps}), got {req.zmv_steps}.")
     if req.resolution is not None and req.resolution < 1:
         raise InputError(f"--resolution must be positive, got {req.resolution}.")
     if req.backend not in BACKENDS:
         raise InputError(f"unknown backend {req.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
     if req.out is not None and req.out.suffix.lower() != ".png":
         raise InputError(f"--out {req.out} must be a .png file.")
-    from mvz.atomic import ensure_writable_dir
-
-    if req.out_dir is not None:
-        ensure_writable_dir(req.out_dir, "--out-dir")
-    else:
-        ensure_writable_dir((req.out or Path("out.png")).parent, "the folder of --out")
     if req.lora is not None and not req.lora.exists():
         raise InputError(f"LoRA {req.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
     return prompts
 
 
 def run_generate(req: GenerateRequest) -> list[Path]:
-    prompts = _check_request(req)
-    cameras = _cameras(req)
-
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mvz.atomic import save_image, write_json
+    from mvz.atomic import ensure_writable_dir, save_image, write_json
     from mvz.models.loading import load_model, resolve_device, resolve_dtype
-    from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request
+    from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request, validate_sampling
+
+    prompts = _check_request(req)
+    cameras = _cameras(req)
+    validate_sampling(prompts, req.steps, cameras.num_views)  # before loading any model
+    if req.zmv_steps < 1 or req.zmv_steps > req.steps:
+        raise InputError(f"--zmv-steps must be between 1 and --steps ({req.steps}), got {req.zmv_steps}.")
+    if req.out_dir is not None:
+        ensure_writable_dir(req.out_dir, "--out-dir")
+    else:
+        ensure_writable_dir((req.out or Path("out.png")).parent, "the folder of --out")
 
     console = Console(stderr=True, quiet=req.json_out)
     device = resolve_device(req.device)

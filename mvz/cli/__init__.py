@@ -1,6 +1,6 @@
 """The ``mvz`` command line: generate, export, train, bench, score, info.
 
-Thin by design: each command lives in ``mvz/commands/<name>.py`` (parse, call, print) and imports
+Thin by design: each command lives in ``mvz/cli/<name>.py`` (parse, call, print) and imports
 torch and the heavy modules inside its function, so ``mvz --help`` answers without importing torch.
 User errors (``MvzError``) print one line and exit 2, never a traceback.
 """
@@ -32,9 +32,9 @@ def _root() -> None:
 
 for _name in COMMAND_MODULES:
     try:
-        _module = importlib.import_module(f"mvz.commands.{_name}")
+        _module = importlib.import_module(f"mvz.cli.{_name}")
     except ModuleNotFoundError as exc:  # a command not built yet must not break the others
-        if exc.name != f"mvz.commands.{_name}":
+        if exc.name != f"mvz.cli.{_name}":
             raise
         continue
     _module.register(app)

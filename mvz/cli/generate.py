@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     ) -> None:
         """Generate consistent views of an object from a prompt in a few steps."""
-        from mvz.commands.generate_impl import GenerateRequest, run_generate
+        from mvz.cli.generate_impl import GenerateRequest, run_generate
 
         request = GenerateRequest(**{k: v for k, v in locals().items() if k in GenerateRequest.__dataclass_fields__})
         run_generate(request)

@@ -1,4 +1,4 @@
-"""Small helpers shared by the CLI commands (cheap imports only)."""
+"""Prompt files: one prompt a line, blank lines and ``#`` comments skipped."""
 
 from __future__ import annotations
 
@@ -20,10 +20,3 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise InputError(f"prompt file {path} has no prompts.", "Write one prompt per line.")
     return prompts
-
-
-def parse_csv_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated numbers, got {text!r}.") from None
