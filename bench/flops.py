@@ -210,15 +210,14 @@ class ComputeCount:
         }
 
 
-def _meta_unet(unet_config: dict, num_views: int, lh: int, lw: int):
+def _meta_unet(unet_config: dict):
     from diffusers import UNet2DConditionModel
 
-    from mvz.models.attention import MVSettings, install_mv_processors
+    from mvz.models.attention import install_mv_processors
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
-    settings = MVSettings(num_views=num_views, latent_height=lh, latent_width=lw)
-    install_mv_processors(unet, settings, init_from_base=False)
+    install_mv_processors(unet, init_from_base=False)
     return unet
 
 
@@ -228,11 +227,14 @@ def count_unet(unet_config: dict, rows: int, num_views: int, latent_h: int, late
 
     The camera residuals are only added inside the UNet (no multiply-adds), so they are left out here.
     """
+    from mvz.models.attention import MVSettings
+
     cfg = dict(unet_config)
-    unet = _meta_unet(cfg, num_views, latent_h, latent_w)
+    unet = _meta_unet(cfg)
     ctx = context_dim or cfg["cross_attention_dim"]
     with torch.device("meta"):
-        kwargs = {"encoder_hidden_states": torch.empty(rows, seq_len, ctx)}
+        kwargs = {"encoder_hidden_states": torch.empty(rows, seq_len, ctx),
+                  "cross_attention_kwargs": MVSettings(num_views, latent_h, latent_w).attention_kwargs()}
         if cfg.get("time_cond_proj_dim"):
             kwargs["timestep_cond"] = torch.empty(rows, cfg["time_cond_proj_dim"])
         if cfg.get("addition_embed_type") == "text_time":

@@ -20,18 +20,25 @@ from torch import nn
 
 from engines.base import Backend, to_device
 from mvz.errors import BackendUnavailableError
-from mvz.models.attention import MVRowAttnProcessor, _heads_merge, _heads_split, row_multiview_attention
+from mvz.models.attention import (
+    MVRowAttnProcessor,
+    MVSettings,
+    ProcessorModule,
+    _heads_merge,
+    _heads_split,
+    mv_grid,
+    row_multiview_attention,
+)
 from mvz.pipeline import TorchDecoder, TorchDenoiser
 
 
-class FusedQKVMVProcessor(nn.Module):
+class FusedQKVMVProcessor(ProcessorModule):
     """``MVRowAttnProcessor`` with one fused projection for q, k, v (+ the MV branch's q, k, v)."""
 
     def __init__(self, attn, original: MVRowAttnProcessor):
         super().__init__()
         self.original = original  # to restore with unfuse_qkv
         self.heads = original.heads
-        self.settings = original.settings
         self.to_out_mv = original.to_out_mv
         linears = [attn.to_q, attn.to_k, attn.to_v, original.to_q_mv, original.to_k_mv, original.to_v_mv]
         c = attn.to_q.in_features
@@ -43,7 +50,8 @@ class FusedQKVMVProcessor(nn.Module):
         self.has_bias = [lin.bias is not None for lin in linears]
         self.biases = [lin.bias for lin in linears]
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                num_views=None, latent_size=None, mv_scale=1.0):
         residual = hidden_states
         proj = self.qkv(hidden_states)
         parts = list(proj.chunk(6, dim=-1))
@@ -57,16 +65,13 @@ class FusedQKVMVProcessor(nn.Module):
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         out = attn.to_out[1](attn.to_out[0](_heads_merge(F.scaled_dot_product_attention(q, k, v)).to(q.dtype)))
-        s = self.settings
-        if s.mv_scale != 0.0:
-            h, w = s.grid(hidden_states.shape[1])
-            mv = row_multiview_attention(qm, km, vm, self.heads, s.num_views, h, w)
-            out = out + s.mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
+        if mv_scale != 0.0:
+            h, w = mv_grid(hidden_states, num_views, latent_size)
+            mv = row_multiview_attention(qm, km, vm, self.heads, int(num_views), h, w)
+            out = out + mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-    __call__ = nn.Module.__call__
 
 
 def fuse_qkv(unet: nn.Module) -> int:
@@ -108,45 +113,70 @@ def optimize_unet(unet: nn.Module, *, qkv: bool = True, channels_last: bool = Tr
     return done
 
 
-class CudaGraphRunner:
-    """Capture ``fn(*tensors)`` once per input signature into a CUDA graph; replay with the inputs copied
-    into static buffers (fixed addresses). Returns a clone of the static output."""
+Capture = Callable[[Callable[[], torch.Tensor], list[torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
-    def __init__(self, fn: Callable, warmup: int = 2):
+
+def cuda_graph_capture(run: Callable[[], torch.Tensor], static_in: list[torch.Tensor], warmup: int = 2
+                       ) -> tuple[Callable[[], None], torch.Tensor]:
+    """Warm ``run()`` up on a side stream, capture it into a CUDA graph; returns (replay, static output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = run()
+    return graph.replay, static_out
+
+
+class CudaGraphRunner:
+    """Capture ``fn(*tensors, **config)`` into a CUDA graph once per (config, input shapes/dtypes/devices) and
+    replay it with the inputs copied into that capture's static buffers (fixed addresses). Returns a clone of
+    the static output.
+
+    ``config`` carries the Python values a capture bakes in (for the UNet: views, prompts, latent grid, MV
+    scale), so a graph captured for one (prompts, views) split is never replayed for another with the same
+    tensor shapes. ``capture`` (default :func:`cuda_graph_capture`) is injectable so the keying can be tested
+    without CUDA."""
+
+    def __init__(self, fn: Callable, warmup: int = 2, capture: Capture | None = None):
         self.fn = fn
-        self.warmup = warmup
+        self.capture = capture or (lambda run, static_in: cuda_graph_capture(run, static_in, warmup))
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+    @staticmethod
+    def key(tensors: tuple[torch.Tensor, ...], config: dict) -> tuple:
+        return (tuple(sorted(config.items())), tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
+
+    def __call__(self, *tensors: torch.Tensor, **config) -> torch.Tensor:
+        key = self.key(tensors, config)
         if key not in self.graphs:
             static_in = [t.detach().clone() for t in tensors]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(self.warmup):
-                    self.fn(*static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
-                static_out = self.fn(*static_in)
-            self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self.graphs[key]
+            replay, static_out = self.capture(lambda: self.fn(*static_in, **config), static_in)
+            self.graphs[key] = (replay, static_in, static_out)
+        replay, static_in, static_out = self.graphs[key]
         for dst, src in zip(static_in, tensors, strict=True):
             dst.copy_(src)
-        graph.replay()
+        replay()
         return static_out.clone()
 
 
 class GraphedDenoiser(TorchDenoiser):
-    def __init__(self, model, num_views: int, unet: Callable | None = None, channels_last: bool = True):
+    """The torch Denoiser replayed from CUDA graphs, one per (multiview settings, prompts, shapes)."""
+
+    def __init__(self, model, num_views: int, unet: Callable | None = None, channels_last: bool = True,
+                 capture: Capture | None = None):
         super().__init__(model, num_views, unet, channels_last, name="torch-cudagraph")
-        self._runner = CudaGraphRunner(lambda *a: TorchDenoiser.__call__(self, *a))
+        self._runner = CudaGraphRunner(self._forward, capture=capture)
+
+    def _forward(self, *args, settings: MVSettings, prompts: int) -> torch.Tensor:
+        return self.forward(settings, *args)
 
     def __call__(self, *args):
-        s = self.model.mv_settings  # python-level settings must be right before capture/replay
-        s.num_views = self.num_views
-        return self._runner(*args)
+        settings = self.settings(args[0])
+        return self._runner(*args, settings=settings, prompts=int(args[0].shape[0]) // self.num_views)
 
 
 class VAEDecode(nn.Module):

@@ -52,12 +52,25 @@ class ExportResult:
 
 
 def vae_fp16_safe(model) -> bool:
-    """fp16 VAE only with the fp16-fix weights (the stock SDXL VAE overflows to NaN); tiny is random."""
-    known = getattr(model.info, "vae_fp16_safe", None)
-    if known is not None:  # decided by load_model, which knows whether --vae-model replaced the preset's VAE
-        return bool(known)
-    vae_src = str(model.info.sources.get("vae", ""))
-    return model.info.name in ("tiny", "sdxl-lcm") or "fp16-fix" in vae_src or "fp16_fix" in vae_src
+    """fp16 VAE only with the fp16-fix weights, read from the VAE config's ``force_upcast`` (false there; the
+    stock SDXL VAE says true and overflows to NaN in fp16), never from the file path."""
+    from mvz.models.multiview import vae_fp16_safe as config_says_fp16_safe
+
+    return config_says_fp16_safe(model.vae.config)
+
+
+def vae_rows_for(rows: int, vae_views: int | None) -> int:
+    """Views per VAE decoder call: ``vae_views`` (default DEFAULT_VAE_VIEWS_PER_CALL), at most all ``rows``."""
+    from mvz.pipeline import DEFAULT_VAE_VIEWS_PER_CALL
+
+    if vae_views is not None and vae_views < 1:
+        raise InputError(f"VAE views per call must be at least 1, got {vae_views}.")
+    return min(rows, vae_views or DEFAULT_VAE_VIEWS_PER_CALL)
+
+
+def vae_rows_of(manifest: ExportManifest) -> int | str:
+    """The VAE decoder graph's rows per call as exported (a name for a dynamic batch axis)."""
+    return manifest.graphs["vae_decoder"].inputs[0].shape[0]
 
 
 def _stage(cb: StageCallback | None, name: str, event: str, **info) -> None:
@@ -100,8 +113,10 @@ def _folder_state(out: Path, request: dict[str, Any], force: bool) -> ExportMani
         check_request(have, folder=out, **{k: v for k, v in request.items() if not k.startswith("_")})
         if have.dynamic_batch != request.get("_dynamic") or have.opset != request.get("_opset") \
                 or have.vae_precision != request.get("_vae_precision") or have.exporter != request.get("_exporter") \
-                or have.batch != request.get("batch"):  # check_request lets a dynamic export serve any batch
-            raise ManifestMismatchError("export options differ (batch, dynamic batch, opset, exporter or VAE precision).")
+                or have.batch != request.get("batch") \
+                or (not have.dynamic_batch and vae_rows_of(have) != request.get("_vae_rows")):  # check_request lets a dynamic export serve any batch
+            raise ManifestMismatchError("export options differ (batch, dynamic batch, opset, exporter, VAE precision or "
+                                        "VAE views per call).")
     except MvzError as err:
         if force:
             return None
@@ -131,11 +146,14 @@ def export_model(
     external_data: bool | None = None,
     force: bool = False,
     on_stage: StageCallback | None = None,
+    vae_views: int | None = None,
 ) -> ExportResult:
     """Export ``model`` (a loaded MultiviewModel, left unchanged) with an optional LoRA fused in.
 
     ``precision`` is the UNet's; the VAE follows it when fp16 is safe for its weights (fp16-fix), else fp32
-    (override with ``vae_precision``). Static shapes unless ``dynamic_batch``. Returns the folder and its
+    (override with ``vae_precision``). The VAE decoder takes ``vae_views`` views per call (default
+    ``mvz.pipeline.DEFAULT_VAE_VIEWS_PER_CALL``, at most batch x views): the decoder backends decode in chunks of
+    that many, which bounds the VAE's activation memory. Static shapes unless ``dynamic_batch``. Returns the folder and its
     manifest; ``reused`` when OUT already held exactly this export (nothing rewritten; ``force`` redoes it).
     """
     from export.fuse import fused_unet
@@ -170,9 +188,10 @@ def export_model(
     lora_id = lora_identity(lora, lora_scale) if lora is not None else (
         lora_identity(model.info.lora, model.info.lora_scale) if model.info.lora else None)
     fingerprint = model_fingerprint(model)
+    vae_rows = vae_rows_for(batch * num_views, vae_views)
     request = {"model_fp": fingerprint, "lora": lora_id, "num_views": num_views, "height": height, "width": width,
                "batch": batch, "precision": precision, "_dynamic": dynamic_batch, "_opset": opset,
-               "_vae_precision": vae_precision, "_exporter": exporter}
+               "_vae_precision": vae_precision, "_exporter": exporter, "_vae_rows": vae_rows}
     timings["hash_s"] = time.perf_counter() - t
     _stage(on_stage, "hash", "done", seconds=timings["hash_s"])
     existing = _folder_state(out, request, force)
@@ -219,7 +238,7 @@ def export_model(
             if next(vae.parameters()).dtype != vae_dtype:
                 vae = copy.deepcopy(model.vae).to(vae_dtype)
             vwrap = VAEDecoderWrapper(vae).eval()
-            vargs = vae_example_inputs(model, vae_dtype, rows, height, width, device=device)
+            vargs = vae_example_inputs(model, vae_dtype, vae_rows, height, width, device=device)
             graphs["vae_decoder"] = _export_one(
                 "vae_decoder", vwrap, vargs, tmp, VAE_INPUTS, VAE_OUTPUTS, vae_precision, opset, exporter,
                 dynamic_batch, list(VAE_INPUTS), external_data, parity, on_stage, timings,

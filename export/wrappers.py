@@ -2,9 +2,10 @@
 
 * :class:`UNetWrapper`: ``eps = f(sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond,
   cam_0..cam_3)``. The camera residuals are graph inputs (the T2I-Adapter stays outside: its outputs are
-  constants per camera set). The number of views and the latent size are baked in (the MV processors read
-  them from their ``MVSettings`` at trace time); the batch axis stays symbolic because every reshape in
-  ``mvz.models.attention`` keeps it as -1. ``timestep`` is float32 ``[1]``; every other tensor is in the
+  constants per camera set). The number of views, the latent grid and the MV scale are baked into each
+  graph: the wrapper passes its own ``MVSettings`` to the UNet as ``cross_attention_kwargs`` (plain Python
+  values, constants to the trace), so two wrappers over one UNet trace two graphs with their own grids. The
+  batch axis stays symbolic because every reshape in ``mvz.models.attention`` keeps it as -1. ``timestep`` is float32 ``[1]``; every other tensor is in the
   export precision.
 * :class:`VAEDecoderWrapper`: ``images[N,3,H,W] float32 in [0,1] = f(latents)``, the scaling factor and
   the ``/2 + 0.5`` clamp included (exactly ``MultiviewModel.decode_latents``).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mvz.models.attention import MVRowAttnProcessor
+from mvz.models.attention import MVSettings
 
 UNET_INPUTS = (
     "sample", "timestep", "prompt_embeds", "text_embeds", "time_ids", "timestep_cond",
@@ -27,32 +28,13 @@ VAE_INPUTS = ("latents",)
 VAE_OUTPUTS = ("images",)
 
 
-def mv_settings_of(unet: nn.Module) -> list:
-    """The distinct MVSettings objects the UNet's MV processors read."""
-    seen = {}
-    for module in unet.modules():
-        if isinstance(module, MVRowAttnProcessor):
-            seen[id(module.settings)] = module.settings
-    return list(seen.values())
-
-
 class UNetWrapper(nn.Module):
     def __init__(self, unet: nn.Module, num_views: int, latent_height: int, latent_width: int, mv_scale: float = 1.0):
         super().__init__()
         self.unet = unet
-        self.num_views = int(num_views)
-        self.latent_height = int(latent_height)
-        self.latent_width = int(latent_width)
-        self.mv_scale = float(mv_scale)
-
-    def apply_settings(self) -> None:
-        for s in mv_settings_of(self.unet):
-            s.num_views = self.num_views
-            s.latent_height, s.latent_width = self.latent_height, self.latent_width
-            s.mv_scale = self.mv_scale
+        self.settings = MVSettings(int(num_views), int(latent_height), int(latent_width), float(mv_scale))
 
     def forward(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        self.apply_settings()
         return self.unet(
             sample,
             timestep,
@@ -60,6 +42,7 @@ class UNetWrapper(nn.Module):
             timestep_cond=timestep_cond,
             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
             down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3],
+            cross_attention_kwargs=self.settings.attention_kwargs(),
             return_dict=False,
         )[0]
 

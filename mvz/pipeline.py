@@ -23,12 +23,16 @@ from typing import Protocol
 import torch
 
 from mvz.errors import InputError
+from mvz.models.attention import MVSettings
 from mvz.models.cameras import CameraSet
 from mvz.models.multiview import MultiviewModel
 from mvz.scheduler import LCMSchedule, inverse_step, policy_step
 
 DEFAULT_GUIDANCE = 7.0
 DEFAULT_STEPS = 8
+# VAE views decoded per call: 2 keeps the fp32 SDXL VAE's 768 px activations (~2.5 GiB per image, estimated, not
+# measured) within the 16 GiB generate budget next to the UNet engine; a smaller chunk only costs launches.
+DEFAULT_VAE_VIEWS_PER_CALL = 2
 
 
 class Denoiser(Protocol):
@@ -55,20 +59,33 @@ class TorchDenoiser:
     """The PyTorch backend of the Denoiser contract (gradients flow if the caller enables them).
 
     ``unet`` may be any callable with the UNet's signature (e.g. a ``torch.compile``'d UNet); default the
-    model's own. ``channels_last`` feeds the sample in channels-last memory format.
+    model's own. ``channels_last`` feeds the sample in channels-last memory format. The multiview settings
+    of each call (``num_views``, the latent size read from the sample, ``mv_scale``) go to the attention
+    processors as ``cross_attention_kwargs``: nothing shared is written, so denoisers over one UNet never
+    see each other's settings.
     """
 
-    def __init__(self, model: MultiviewModel, num_views: int, unet=None, channels_last: bool = False, name: str = "torch"):
+    def __init__(self, model: MultiviewModel, num_views: int, unet=None, channels_last: bool = False, name: str = "torch",
+                 mv_scale: float | None = None):
         self.model = model
         self.num_views = num_views
         self.unet = unet if unet is not None else model.unet
         self.channels_last = channels_last
         self.name = name
+        defaults = getattr(model, "mv_settings", None) or MVSettings()
+        self.mv_scale = defaults.mv_scale if mv_scale is None else float(mv_scale)
+
+    def settings(self, sample: torch.Tensor) -> MVSettings:
+        """The multiview settings of a call on ``sample[B·V, C, h, w]``."""
+        return MVSettings(self.num_views, int(sample.shape[-2]), int(sample.shape[-1]), self.mv_scale)
 
     def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        s = self.model.mv_settings
-        s.num_views = self.num_views
-        s.latent_height, s.latent_width = int(sample.shape[-2]), int(sample.shape[-1])
+        return self.forward(self.settings(sample), sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond,
+                            cam_0, cam_1, cam_2, cam_3)
+
+    def forward(self, settings: MVSettings, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond,
+                cam_0, cam_1, cam_2, cam_3):
+        """One UNet call with explicit multiview settings (what a CUDA-graph capture bakes in)."""
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
         return self.unet(
@@ -78,6 +95,7 @@ class TorchDenoiser:
             timestep_cond=timestep_cond,
             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
             down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3],  # fresh list: the UNet pops it
+            cross_attention_kwargs=settings.attention_kwargs(),
             return_dict=False,
         )[0]
 
@@ -85,9 +103,9 @@ class TorchDenoiser:
 class TorchDecoder:
     name = "torch"
 
-    def __init__(self, model: MultiviewModel, batch: int | None = None):
+    def __init__(self, model: MultiviewModel, batch: int | None = DEFAULT_VAE_VIEWS_PER_CALL):
         self.model = model
-        self.batch = batch  # decode at most this many views at once (VAE slicing); None = all
+        self.batch = batch  # decode at most this many views per VAE call (chunks of views); None = all at once
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:

@@ -93,3 +93,89 @@ def test_zero_out_mv_equals_plain_unet(fresh_tiny_model):
         plain = den(x, t, *cond.args())
     torch.testing.assert_close(zeroed, plain, rtol=1e-5, atol=1e-5)
     assert (with_mv - plain).abs().max() > 1e-4, "the tiny MV branch must matter"
+
+
+# ---- the real processor, per-call settings ------------------------------------------------------------------
+
+
+def _mv_attention_block(channels: int, heads: int, seed: int = 0):
+    """A diffusers ``Attention`` (attn1-like) carrying our MV processor with random, non-zero MV weights."""
+    from diffusers.models.attention_processor import Attention
+
+    from mvz.models.attention import MVRowAttnProcessor
+
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=channels, heads=heads, dim_head=channels // heads, bias=False).double()
+    proc = MVRowAttnProcessor(channels, heads).double()
+    for p in proc.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    attn.set_processor(proc)
+    return attn, proc
+
+
+def _reference_output(attn, proc, x, mv_scale, num_views, h, w):
+    """diffusers' own SDPA processor for the base branch + the naive per-row loop for the MV branch."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    mine = attn.processor
+    attn.set_processor(AttnProcessor2_0())
+    base = attn(x)
+    attn.set_processor(mine)
+    rows = naive_row_attention(proc.to_q_mv(x), proc.to_k_mv(x), proc.to_v_mv(x), attn.heads, num_views, h, w)
+    return base + mv_scale * proc.to_out_mv[0](rows)
+
+
+@pytest.mark.parametrize("latent", [(64, 96), (96, 64)])
+def test_processor_row_attention_non_square_levels_match_naive(latent):
+    """Through diffusers' Attention.forward (which drops kwargs a processor does not name): 64x96 and 96x64
+    latents at the /2, /4 and /8 UNet levels equal the per-row reference; the swapped grid does not."""
+    from mvz.models.attention import MVSettings
+
+    b, v, heads, c = 2, 3, 2, 16
+    attn, proc = _mv_attention_block(c, heads)
+    settings = MVSettings(num_views=v, latent_height=latent[0], latent_width=latent[1], mv_scale=0.7)
+    swapped = MVSettings(num_views=v, latent_height=latent[1], latent_width=latent[0], mv_scale=0.7)
+    with torch.no_grad():
+        for factor in (2, 4, 8):
+            h, w = latent[0] // factor, latent[1] // factor
+            x = torch.randn(b * v, h * w, c, dtype=torch.float64)
+            got = attn(x, **settings.attention_kwargs())
+            want = _reference_output(attn, proc, x, 0.7, v, h, w)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+            wrong = attn(x, **swapped.attention_kwargs())  # same token count, rows of the transposed grid
+            assert (wrong - want).abs().max() > 1e-3, f"a swapped {w}x{h} grid must give other rows at /{factor}"
+
+
+def test_processor_needs_the_per_call_settings():
+    attn, _ = _mv_attention_block(8, 2)
+    with pytest.raises(ValueError, match="cross_attention_kwargs"):
+        attn(torch.randn(2, 6, 8, dtype=torch.float64))
+
+
+def test_denoisers_over_one_unet_keep_their_own_views(tiny_model):
+    """No shared state: a 3-view denoiser called in between does not change a 6-view denoiser's output."""
+    from mvz.models.cameras import CameraSet
+    from mvz.pipeline import MultiviewPipeline, TorchDenoiser
+
+    cond = MultiviewPipeline(tiny_model).prepare(["a chair"], CameraSet.default(), 64, 64)
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    six, three = TorchDenoiser(tiny_model, 6), TorchDenoiser(tiny_model, 3)
+    with torch.no_grad():
+        before = six(x, t, *cond.args())
+        other = three(x, t, *cond.args())
+        after = six(x, t, *cond.args())
+    assert torch.equal(before, after)
+    assert (other - before).abs().max() > 1e-4, "3 views per prompt attend across other rows than 6 views"
+
+
+def test_unet_wrappers_bake_their_own_grid(tiny_model):
+    """Two export wrappers over one UNet each equal the torch denoiser at their own view count."""
+    from export.wrappers import UNetWrapper, unet_example_inputs
+    from mvz.pipeline import TorchDenoiser
+
+    args = unet_example_inputs(tiny_model, torch.float32, 6, 64, 96)
+    with torch.no_grad():
+        for views in (6, 2):
+            got = UNetWrapper(tiny_model.unet, views, 8, 12)(*args)
+            torch.testing.assert_close(got, TorchDenoiser(tiny_model, views)(*args), rtol=0, atol=0)

@@ -72,6 +72,7 @@ def test_tiny_unet_counts_match_formula_and_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.flops import _meta_unet
+    from mvz.models.attention import MVSettings
     from mvz.models.tiny import tiny_unet_config
 
     cfg = tiny_unet_config()
@@ -80,11 +81,12 @@ def test_tiny_unet_counts_match_formula_and_torch_flop_counter():
     proj, attn = _mv_formula(cfg, rows, views, lh, lw)
     assert ours["mv_proj"] == proj
     assert ours["mv_attention"] == attn
-    unet = _meta_unet(cfg, views, lh, lw)
+    unet = _meta_unet(cfg)
     with torch.device("meta"), FlopCounterMode(display=False) as fc, torch.no_grad():
         unet(torch.empty(rows, 4, lh, lw), torch.tensor([1.0]), encoder_hidden_states=torch.empty(rows, 77, 64),
              timestep_cond=torch.empty(rows, 32),
-             added_cond_kwargs={"text_embeds": torch.empty(rows, 32), "time_ids": torch.empty(rows, 6)})
+             added_cond_kwargs={"text_embeds": torch.empty(rows, 32), "time_ids": torch.empty(rows, 6)},
+             cross_attention_kwargs=MVSettings(views, lh, lw).attention_kwargs())
     assert sum(ours.values()) == fc.get_total_flops()
 
 

@@ -170,9 +170,71 @@ def test_fused_qkv_matches_the_unfused_unet(model):
     assert unfuse_qkv(unet) == n
 
 
-def test_torch_backends_build(model):
-    b = create_backend("torch", model, device="cpu", height=RES)
-    assert b.name == "torch" and callable(b.denoiser) and callable(b.decoder)
+def _fixed_unet_inputs(model, views=VIEWS, prompts=1, res=RES):
+    from export.wrappers import unet_example_inputs
+
+    return unet_example_inputs(model, torch.float32, prompts * views, res, res, seed=5)
+
+
+def _backend_or_skip(name, model, **kw):
+    reason = available_backends()[name]
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    return create_backend(name, model, num_views=VIEWS, height=RES, width=RES, batch=1, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime", pytest.param("torch-compile", marks=pytest.mark.slow)])
+def test_each_backend_matches_eager_torch_on_fixed_inputs(name, fresh_tiny_model, fp32_export):
+    """Denoiser and Decoder of every backend that runs here against eager torch on the same fixed inputs
+    (torch-cudagraph and tensorrt: GPU tests below)."""
+    from mvz.pipeline import TorchDecoder, TorchDenoiser
+
+    model = fresh_tiny_model  # compile variants optimise the UNet in place
+    args = _fixed_unet_inputs(model)
+    z = torch.randn(2 * VIEWS + 1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(6))  # padded chunk
+    with torch.no_grad():
+        eps_ref, img_ref = TorchDenoiser(model, VIEWS)(*args), TorchDecoder(model, batch=None)(z)
+    backend = _backend_or_skip(name, model, **({"engines_dir": fp32_export.folder} if name == "onnxruntime" else {}))
+    with torch.no_grad():
+        eps, img = backend.denoiser(*args), backend.decoder(z)
+    assert eps.shape == eps_ref.shape and img.shape == img_ref.shape
+    torch.testing.assert_close(eps, eps_ref, rtol=1e-3, atol=1e-4)  # fp32 everywhere; ORT/inductor reorder sums
+    torch.testing.assert_close(img, img_ref, rtol=1e-3, atol=1e-4)
+    assert (eps - TorchDenoiser(model, 1)(*args)).abs().max() > 1e-4, "the views setting must reach the backend"
+
+
+def _replaying_capture(log):
+    """A CPU stand-in for CUDA-graph capture: the 'graph' re-runs exactly what was captured (its baked
+    Python settings included) into the static output, as a replayed CUDA graph would."""
+
+    def capture(run, static_in):
+        log.append(tuple(t.shape for t in static_in))
+        out = run()
+
+        def replay():
+            out.copy_(run())
+
+        return replay, out
+
+    return capture
+
+
+def test_cudagraph_runner_never_replays_another_views_split(fresh_tiny_model):
+    """Same tensor shapes, other (prompts, views) split: a new capture, never the other split's graph."""
+    from engines.torch_backend import GraphedDenoiser
+    from mvz.pipeline import TorchDenoiser
+
+    model = fresh_tiny_model
+    log = []
+    den = GraphedDenoiser(model, 2, channels_last=False, capture=_replaying_capture(log))
+    args = _fixed_unet_inputs(model, views=2, prompts=2)  # 4 rows: 2 prompts x 2 views, or 1 prompt x 4 views
+    with torch.no_grad():
+        eager = {v: TorchDenoiser(model, v)(*args) for v in (2, 4)}
+        for views in (2, 4, 2, 4):
+            den.num_views = views
+            torch.testing.assert_close(den(*args), eager[views], rtol=0, atol=0)
+    assert len(log) == 2, "one capture per (prompts, views) split, replayed afterwards"
+    assert (eager[2] - eager[4]).abs().max() > 1e-4
 
 
 @pytest.mark.gpu

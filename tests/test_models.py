@@ -135,7 +135,7 @@ def test_full_size_architecture_matches_published_counts():
     from diffusers import UNet2DConditionModel
 
     from mvz.models.adapter import build_camera_adapter
-    from mvz.models.attention import MVSettings, install_mv_processors, mv_processors
+    from mvz.models.attention import install_mv_processors, mv_processors
     from mvz.models.lora import add_lora, lora_state_dict
     from mvz.models.specs import shipped_config
 
@@ -144,7 +144,7 @@ def test_full_size_architecture_matches_published_counts():
         base = sum(p.numel() for p in unet.parameters())
         # the LCM UNet adds the w-embedding projection (256 -> 320) to SDXL's 2,567,463,684
         assert base == 2_567_463_684 + 256 * 320
-        assert install_mv_processors(unet, MVSettings(), init_from_base=False) == 70
+        assert install_mv_processors(unet, init_from_base=False) == 70
         mv = sum(p.numel() for proc in mv_processors(unet).values() for p in proc.parameters())
         assert mv == 409_683_200
         adapter = build_camera_adapter(unet.config)

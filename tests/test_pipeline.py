@@ -74,3 +74,18 @@ def test_bad_requests(pipe):
         pipe.sample(["  "], [0])
     with pytest.raises(InputError, match="seeds"):
         pipe.sample(["a", "b"], [0])
+
+
+def test_chunked_vae_decode_equals_unchunked(tiny_model, monkeypatch):
+    """The Decoder decodes DEFAULT_VAE_VIEWS_PER_CALL views per VAE call; the images equal one all-views call."""
+    from mvz.pipeline import DEFAULT_VAE_VIEWS_PER_CALL, TorchDecoder
+
+    z = torch.randn(6, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    whole = TorchDecoder(tiny_model, batch=None)(z)
+    calls = []
+    decode = tiny_model.vae.decode
+    monkeypatch.setattr(tiny_model.vae, "decode", lambda x, **kw: calls.append(x.shape[0]) or decode(x, **kw))
+    chunked = TorchDecoder(tiny_model)(z)
+    assert calls == [DEFAULT_VAE_VIEWS_PER_CALL] * (6 // DEFAULT_VAE_VIEWS_PER_CALL)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    assert chunked.shape == (6, 3, 64, 96)

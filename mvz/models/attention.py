@@ -9,9 +9,13 @@ read the same normed input x:
 
 RowMVA lets every token attend to the same image row in all V views (its own included). It is done by
 reshape only (reference `mvadapter.md` §1 "reshape-only equivalent"): no per-view copy of K/V. Every
-reshape keeps the batch axis as -1, so a traced or exported graph never freezes the batch; the spatial grid
-(h, w) per UNet level comes from the shared :class:`MVSettings` (latent size, number of views), which may
-be non-square.
+reshape keeps the batch axis as -1, so a traced or exported graph never freezes the batch.
+
+Per-call settings travel with the call: the number of views, the latent size (from which each UNet level's
+(h, w) token grid follows, non-square included) and the MV scale reach the processors as
+``cross_attention_kwargs`` (``unet(..., cross_attention_kwargs=MVSettings(...).attention_kwargs())``, the
+keyword names MV-Adapter itself passes). No processor holds per-call state, so several backends (eager,
+compiled, CUDA graph, a trainer's DDP copy) can share one UNet without writing into each other's calls.
 
 ``PlainAttnProcessor`` is the standard SDPA attention with the same -1 batch discipline, for ``attn2``.
 """
@@ -19,16 +23,17 @@ be non-square.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class MVSettings:
-    """Shared by all processors of one UNet. Set before a forward (the denoiser does it)."""
+    """What shapes one UNet call's multiview attention: immutable, passed per call (never shared state)."""
 
     num_views: int = 6
     latent_height: int = 96
@@ -37,15 +42,29 @@ class MVSettings:
 
     def grid(self, seq_len: int) -> tuple[int, int]:
         """(h, w) of the token grid at a UNet level holding ``seq_len`` tokens."""
-        factor = round(math.sqrt(self.latent_height * self.latent_width / seq_len))
-        h = -(-self.latent_height // factor)
-        w = -(-self.latent_width // factor)
-        if h * w != seq_len:
-            raise ValueError(
-                f"cannot place {seq_len} tokens on a grid of the {self.latent_height}x{self.latent_width} latent; "
-                "set MVSettings.latent_height/width to the UNet input size"
-            )
-        return h, w
+        return token_grid((self.latent_height, self.latent_width), seq_len)
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """The UNet's ``cross_attention_kwargs`` for this call (plain Python values: baked into a trace)."""
+        return {"num_views": int(self.num_views), "latent_size": (int(self.latent_height), int(self.latent_width)),
+                "mv_scale": float(self.mv_scale)}
+
+    def for_sample(self, sample: torch.Tensor, num_views: int) -> MVSettings:
+        """These settings for a UNet input ``sample[B·V, C, h, w]`` of ``num_views`` views per prompt."""
+        return replace(self, num_views=int(num_views), latent_height=int(sample.shape[-2]),
+                       latent_width=int(sample.shape[-1]))
+
+
+def token_grid(latent_size: tuple[int, int], seq_len: int) -> tuple[int, int]:
+    """(h, w) of the token grid of a UNet level with ``seq_len`` tokens, for a ``latent_size`` = (H, W) input
+    (each downsampling halves both sides, rounding up)."""
+    lh, lw = int(latent_size[0]), int(latent_size[1])
+    factor = round(math.sqrt(lh * lw / seq_len))
+    h, w = -(-lh // factor), -(-lw // factor)
+    if h * w != seq_len:
+        raise ValueError(f"cannot place {seq_len} tokens on a grid of the {lh}x{lw} latent; pass the UNet input's "
+                         "latent_size in cross_attention_kwargs")
+    return h, w
 
 
 def _heads_split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -97,10 +116,31 @@ def row_multiview_attention(
     return out.reshape(-1, h * w, channels)
 
 
-class PlainAttnProcessor(nn.Module):
+class ProcessorModule(nn.Module):
+    """An attention processor that is an ``nn.Module`` and names the per-call keywords it takes.
+
+    diffusers' ``Attention.forward`` drops every ``cross_attention_kwargs`` key not in the signature of
+    ``processor.__call__``, so ``__call__`` spells them out (``nn.Module.__call__`` alone is ``*args,
+    **kwargs``, which would silently drop them) and forwards to the module machinery (hooks, ``forward``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 num_views: int | None = None, latent_size: tuple[int, int] | None = None, mv_scale: float = 1.0):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                num_views=num_views, latent_size=latent_size, mv_scale=mv_scale)
+
+
+def mv_grid(hidden_states: torch.Tensor, num_views: int | None, latent_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (h, w) token grid of this call, or a clear error when the caller did not say it."""
+    if num_views is None or latent_size is None:
+        raise ValueError("the multiview attention needs num_views and latent_size per call: pass "
+                         "cross_attention_kwargs=MVSettings(...).attention_kwargs() to the UNet")
+    return token_grid(latent_size, int(hidden_states.shape[1]))
+
+
+class PlainAttnProcessor(ProcessorModule):
     """SDPA attention (self or cross) with -1 batch reshapes; used for ``attn2``. Has no parameters."""
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **mv_call):
         if attention_mask is not None:
             raise NotImplementedError("attention masks are not used by the SDXL UNet")
         residual = hidden_states
@@ -109,16 +149,13 @@ class PlainAttnProcessor(nn.Module):
             out = out + residual
         return out / attn.rescale_output_factor
 
-    __call__ = nn.Module.__call__
 
-
-class MVRowAttnProcessor(nn.Module):
+class MVRowAttnProcessor(ProcessorModule):
     """Self-attention plus the parallel row-wise multiview branch (MV-Adapter ``attn1``)."""
 
-    def __init__(self, query_dim: int, heads: int, settings: MVSettings):
+    def __init__(self, query_dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.settings = settings
         self.to_q_mv = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k_mv = nn.Linear(query_dim, query_dim, bias=False)
         self.to_v_mv = nn.Linear(query_dim, query_dim, bias=False)
@@ -133,32 +170,30 @@ class MVRowAttnProcessor(nn.Module):
         self.to_out_mv[0].weight.zero_()
         self.to_out_mv[0].bias.zero_()
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                num_views=None, latent_size=None, mv_scale=1.0):
         if encoder_hidden_states is not None:
             raise ValueError("MVRowAttnProcessor is for self-attention (attn1) only")
         residual = hidden_states
         out = standard_attention(attn, hidden_states, None)
-        s = self.settings
-        if s.mv_scale != 0.0:
-            h, w = s.grid(hidden_states.shape[1])
+        if mv_scale != 0.0:
+            h, w = mv_grid(hidden_states, num_views, latent_size)
             mv = row_multiview_attention(
                 self.to_q_mv(hidden_states),
                 self.to_k_mv(hidden_states),
                 self.to_v_mv(hidden_states),
                 self.heads,
-                s.num_views,
+                int(num_views),
                 h,
                 w,
             )
-            out = out + s.mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
+            out = out + mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    __call__ = nn.Module.__call__
 
-
-def install_mv_processors(unet, settings: MVSettings, init_from_base: bool = True) -> int:
+def install_mv_processors(unet, *, init_from_base: bool = True) -> int:
     """Put ``MVRowAttnProcessor`` on every ``attn1`` and ``PlainAttnProcessor`` on every ``attn2``.
 
     Returns the number of multiview blocks (70 for SDXL). ``init_from_base`` copies the attn1 weights into
@@ -174,7 +209,7 @@ def install_mv_processors(unet, settings: MVSettings, init_from_base: bool = Tru
             continue
         key = f"{name}.processor"
         if name.endswith("attn1"):
-            proc = MVRowAttnProcessor(module.to_q.in_features, module.heads, settings)
+            proc = MVRowAttnProcessor(module.to_q.in_features, module.heads)
             if init_from_base:
                 proc.init_from_attention(module)
             processors[key] = proc.to(device=ref.device, dtype=ref.dtype)

@@ -263,9 +263,9 @@ def load_model(
             raise CheckpointError(f"cannot load the text encoders from {res.base}: {str(exc).splitlines()[0]}") from None
 
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    settings = MVSettings(num_views=6)
+    settings = MVSettings(num_views=6)  # the model's defaults; every call passes its own
     # MV branch first (upstream load order), then the adapter file, then any LoRA
-    install_mv_processors(unet, settings, init_from_base=True)
+    install_mv_processors(unet, init_from_base=True)
     cam_adapter = build_camera_adapter(unet.config, vae_scale_factor=vae_scale)
     if not random_weights:
         load_mvadapter_file(res.adapter, unet, cam_adapter)

@@ -6,6 +6,7 @@ lives in ``mvz.pipeline``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,27 @@ class PromptEmbeds:
         )
 
 
+def vae_fp16_safe(vae_config) -> bool:
+    """Whether a VAE may run in fp16: diffusers' own flag, ``force_upcast: false`` (the fp16-fix weights; the
+    stock SDXL VAE says true and overflows to NaN in fp16)."""
+    get = vae_config.get if hasattr(vae_config, "get") else (lambda k, d: getattr(vae_config, k, d))
+    return not bool(get("force_upcast", True))
+
+
+@contextlib.contextmanager
+def tf32_enabled(enabled: bool = True):
+    """TF32 for matmuls and convolutions inside the block (restored after): the fp32 VAE's precision on a GPU."""
+    if not enabled:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 class MultiviewModel:
     def __init__(
         self,
@@ -52,7 +74,7 @@ class MultiviewModel:
         tokenizer,
         tokenizer_2,
         adapter,
-        mv_settings: MVSettings,
+        mv_settings: MVSettings,  # defaults (views, MV scale); each UNet call passes its own, see attention.py
         info: ModelInfo,
         scheduler_config: dict[str, Any] | None = None,
     ):
@@ -168,9 +190,10 @@ class MultiviewModel:
 
         Runs in the VAE's own dtype even inside an autocast region (the trainer samples under
         ``accelerator.autocast()``): autocast would run an fp32 VAE's convolutions in fp16, which the
-        non-fp16-fix SDXL VAE overflows (NaN images)."""
+        non-fp16-fix SDXL VAE overflows (NaN images). An fp32 VAE runs with TF32 on a GPU."""
         vae_dtype = next(self.vae.parameters()).dtype
         scaled = latents.to(vae_dtype) / self.vae.config.scaling_factor
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        tf32 = vae_dtype == torch.float32 and latents.device.type == "cuda"
+        with torch.autocast(device_type=latents.device.type, enabled=False), tf32_enabled(tf32):
             images = self.vae.decode(scaled, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)

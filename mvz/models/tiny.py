@@ -107,7 +107,7 @@ def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from mvz.models.adapter import build_camera_adapter
-    from mvz.models.attention import MVSettings, install_mv_processors, mv_processors
+    from mvz.models.attention import install_mv_processors, mv_processors
     from mvz.quiet import quiet_libraries
 
     quiet_libraries()
@@ -124,7 +124,7 @@ def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:
 
         # MV-Adapter file: the MV branch (upstream init, then a trained-looking non-zero to_out_mv so the
         # branch matters) and the camera adapter, in the upstream flat key layout.
-        install_mv_processors(unet, MVSettings())
+        install_mv_processors(unet)
         weights: dict[str, torch.Tensor] = {}
         for name, proc in mv_processors(unet).items():
             torch.nn.init.normal_(proc.to_out_mv[0].weight, std=0.05)
