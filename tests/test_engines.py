@@ -292,3 +292,46 @@ def test_tensorrt_build_run_and_refit(tmp_path):
     ref_l = MultiviewPipeline(ml).sample(["a chair"], [0], steps=4).images
     out_l = MultiviewPipeline(ml, denoiser=trt_l.denoiser, decoder=trt_l.decoder).sample(["a chair"], [0], steps=4).images
     assert (out_l - ref_l).abs().max() < 5e-2 and (ref_l - ref).abs().max() > 1e-3
+
+
+_ALL_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+_GPU = torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("requested,device,available,expected", [
+    ("auto", torch.device("cpu"), _ALL_EPS, ["CPUExecutionProvider"]),
+    (None, _GPU, _ALL_EPS, ["CUDAExecutionProvider", "CPUExecutionProvider"]),  # never TensorRT unasked
+    ("auto", _GPU, ["TensorrtExecutionProvider", "CPUExecutionProvider"], "no CUDA provider"),
+    ("cuda", _GPU, _ALL_EPS, ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ("cpu", _GPU, _ALL_EPS, ["CPUExecutionProvider"]),
+    ("tensorrt", _GPU, _ALL_EPS, ["TensorrtExecutionProvider", "CPUExecutionProvider"]),
+    (["tensorrt", "cuda"], _GPU, _ALL_EPS, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ("tensorrt", _GPU, ["CUDAExecutionProvider", "CPUExecutionProvider"], "TensorrtExecutionProvider not available"),
+])
+def test_ort_provider_selection_per_request(requested, device, available, expected, tmp_path):
+    from engines.onnxruntime_backend import select_providers
+
+    kw = {"available": available, "stream": 1234, "trt_workspace_bytes": 3 << 30}
+    if isinstance(expected, str):
+        with pytest.raises(BackendUnavailableError, match=expected):
+            select_providers(requested, device, tmp_path, **kw)
+        return
+    got = select_providers(requested, device, tmp_path, **kw)
+    assert [p if isinstance(p, str) else p[0] for p in got] == expected
+    options = {p[0]: p[1] for p in got if not isinstance(p, str)}
+    gpu = {"device_id": 1, "user_compute_stream": "1234"}
+    if "CUDAExecutionProvider" in options:
+        assert options["CUDAExecutionProvider"] == gpu
+    if "TensorrtExecutionProvider" in options:
+        assert options["TensorrtExecutionProvider"] == {
+            **gpu, "trt_fp16_enable": True, "trt_max_workspace_size": 3 << 30,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(tmp_path)}
+
+
+def test_ort_default_stream_is_not_passed():
+    """ORT treats stream 0 (torch's legacy default stream) as no stream: never pass it."""
+    from engines.onnxruntime_backend import select_providers
+
+    got = select_providers("cuda", _GPU, available=_ALL_EPS, stream=0)
+    assert got[0] == ("CUDAExecutionProvider", {"device_id": 1})
