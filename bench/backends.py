@@ -58,8 +58,9 @@ def availability() -> dict[str, str | None]:
     return avail
 
 
-def create(name: str, model, *, engines_dir, num_views: int, height: int, width: int, batch: int, device):
-    """A backend object, or raise ``BackendUnavailableError`` (or another ``MvzError``) saying why not."""
+def create(name: str, model, *, engines_dir, num_views: int, height: int, width: int, batch: int, device, **options):
+    """A backend object, or raise ``BackendUnavailableError`` (or another ``MvzError``) saying why not.
+    ``options`` go to ``engines.create_backend`` (e.g. ``compile_mode``)."""
     eng = _engines()
     if eng is None:
         if name == "torch":
@@ -67,8 +68,40 @@ def create(name: str, model, *, engines_dir, num_views: int, height: int, width:
         raise BackendUnavailableError(f"backend {name!r} needs the engines package, which is not installed here.")
     try:
         return eng.create_backend(name, model, engines_dir=engines_dir, num_views=num_views, height=height,
-                                  width=width, batch=batch, device=device)
+                                  width=width, batch=batch, device=device, **options)
     except MvzError:
         raise
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} is not available: {exc}.") from None
+
+
+def tensorrt_builder():
+    """The engine build API: ``engines.tensorrt_build.build_engines`` (the build half), or the older home in
+    ``engines.tensorrt_backend``; None when neither exists."""
+    try:
+        from engines.tensorrt_build import build_engines
+    except ImportError:
+        try:
+            from engines.tensorrt_backend import build_engines
+        except ImportError:
+            return None
+    return build_engines
+
+
+def build_tensorrt_engines(export_dir, log) -> dict:
+    """Build (or reuse: the build skips engines that are up to date) the TensorRT engines of an export folder.
+    Returns a report entry: {"folder", "engines", "seconds"} or {"error"}."""
+    import time
+
+    build = tensorrt_builder()
+    if build is None:
+        return {"folder": str(export_dir), "error": "no TensorRT build API in this engines package"}
+    log(f"building TensorRT engines in {export_dir} (reused when up to date)")
+    t = time.perf_counter()
+    try:
+        em = build(export_dir)
+    except MvzError as exc:
+        log(f"TensorRT build failed: {exc}")
+        return {"folder": str(export_dir), "error": str(exc)}
+    engines = getattr(em, "engines", {}) or {}
+    return {"folder": str(export_dir), "engines": sorted(engines), "seconds": time.perf_counter() - t}

@@ -3,17 +3,21 @@
     python -m bench.gpu_check --out gpu-check            # on a machine with one NVIDIA GPU
 
 1. ``mvz bench`` on the full-size architecture with random weights (``sdxl-lcm --random-weights``, fp16,
-   768 px, 6 views, 8 steps): latency per stage of every available backend (torch, torch-compile, and
-   onnxruntime / tensorrt when ``--engines-dir`` holds their exports or ``--export`` is given), CUDA-event
-   timing, peak memory, the compute floor and the achieved fraction of peak, fidelity against an fp32
-   torch reference on one seed. Quality is off (random weights).
+   768 px, 6 views, 8 steps) for every available backend: torch eager fp16, torch-compile, torch-cudagraph,
+   onnxruntime (CUDA EP) and tensorrt (ONNX exported into ``OUT/engines`` unless ``--engines-dir`` names an
+   export; TensorRT engines built there and cached). Per stage p50/p90 (CUDA events on the backend stream),
+   peak device memory per stage, the compute floor and the fraction reached, fidelity against an fp32 torch
+   reference on one seed (per-step latent error, PSNR). Quality is off (random weights). A backend that cannot
+   run is listed with the reason.
 2. A training micro-step (MVC-ZigAL style): LoRA r=16 on the MV UNet, the log-prob of one recorded
    denoising step for all 6 views recomputed with gradients, a policy-gradient loss, backward and an AdamW
    step; median time and peak memory over a few steps.
 
-Writes ``OUT/report.json`` / ``report.md`` / PNGs (the bench report) and ``OUT/gpu_check.json`` (the
-micro-step and a summary with the gap to the compute floor). Everything but the GPU itself is exercised
-on the CPU by ``--model tiny --device cpu`` (see tests/test_bench_gpu_check.py).
+Writes ``OUT/report.json`` / ``report.md`` / PNGs (the bench report) and ``OUT/gpu_check.json`` +
+``OUT/gpu_check.md`` (the summary tables). Target: under 8 minutes on an H100 class GPU once the ONNX export
+and the TensorRT engines are cached in ``OUT/engines`` (the first export + build alone takes several minutes
+at full size; pass ``--engines-dir`` to reuse one). Never run on a GPU in this repository yet. Everything but
+the GPU itself is exercised on the CPU by ``--model tiny --device cpu`` (tests/test_bench_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -103,29 +107,100 @@ def train_microstep(model, *, num_views: int, height: int, width: int, steps_tim
     return out
 
 
+BUDGET_S = 480.0  # the whole check on an H100 class GPU, engine builds cached
+SUMMARY_STAGES = ("end_to_end", "text_encode", "camera_residuals", "unet_step", "unet_total", "vae_decode",
+                  "scheduler_and_other")
+
+
+def _percentiles(stage: dict | None) -> dict | None:
+    return None if not stage else {"p50_ms": stage["median_ms"], "p90_ms": stage["p90_ms"]}
+
+
+def _fidelity_row(fid: dict | None) -> dict | None:
+    if not fid:
+        return None
+    return {k: fid.get(k) for k in ("per_step_latent_rel_error", "final_latent_rel_error", "psnr_db_mean",
+                                     "psnr_db_min", "ok_finite")}
+
+
 def summarize(report: dict, train: dict | None) -> dict:
-    """The lines that matter: per backend UNet step / end to end vs the floor."""
+    """The lines that matter, per backend: per-stage p50/p90, peak device memory per stage, fidelity against
+    torch fp32 (per-step latent error, PSNR), the fraction of the compute floor reached; plus what was skipped."""
     comp = report.get("compute", {})
     floor = comp.get("floor_s", {})
+    fid = report.get("fidelity", {}).get("backends", {})
     rows = {}
     for name, lat in report["latency"].get("backends", {}).items():
         st = lat["stages"]
-        unet_job = st["unet_total"]["median_ms"] / 1000.0
+        achieved = comp.get("achieved", {}).get(name, {})
         rows[name] = {
+            "stages": {k: _percentiles(st.get(k)) for k in SUMMARY_STAGES if st.get(k)},
             "end_to_end_ms": st["end_to_end"]["median_ms"],
             "unet_step_ms": st["unet_step"]["median_ms"],
-            "unet_8_steps_ms": st["unet_total"]["median_ms"],
             "vae_decode_ms": st.get("vae_decode", {}).get("median_ms"),
             "unet_floor_ms": floor["unet"] * 1000.0 if floor.get("unet") else None,
-            "unet_gap_x": unet_job / floor["unet"] if floor.get("unet") else None,
-            "unet_fraction_of_peak": comp.get("achieved", {}).get(name, {}).get("unet_fraction"),
+            "unet_fraction_of_peak": achieved.get("unet_fraction"),
+            "vae_fraction_of_peak": achieved.get("vae_fraction"),
+            "end_to_end_over_floor": achieved.get("end_to_end_over_floor"),
             "peak_memory_mb": lat["peak_memory"].get("torch_peak_allocated_mb"),
             "device_used_mb": lat["peak_memory"].get("device_used_mb"),
+            "stage_memory": lat.get("stage_memory"),
+            "fidelity": _fidelity_row(fid.get(name)),
         }
     return {"device": report["environment"].get("gpu", {}).get("name") or report["environment"].get("cpu"),
+            "config": {k: report["config"].get(k) for k in ("model", "height", "width", "views", "steps", "dtype",
+                                                            "vae_dtype", "runs", "warmup")},
             "peak_tflops": comp.get("peak_tflops"), "backends": rows,
+            "fidelity_reference": report.get("fidelity", {}).get("reference") or report.get("fidelity", {}).get("reason"),
             "skipped": {n: b["reason"] for n, b in report["backends"].items() if b["status"] != "ok"},
-            "train_microstep": train}
+            "engines_build": report.get("engines_build"), "train_microstep": train}
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the Markdown tables that go into bench/README.md."""
+    cfg = summary["config"]
+    lines = [f"# GPU check: {summary['device']}", "",
+             f"{cfg['model']}, {cfg['views']} views x {cfg['height']}x{cfg['width']} px, {cfg['steps']} steps, "
+             f"{cfg['dtype']} (VAE {cfg['vae_dtype']}), {cfg['runs']} timed runs after {cfg['warmup']} warm-ups; "
+             f"peak {_fmt(summary['peak_tflops'])} TFLOPS; fidelity against {summary['fidelity_reference']}.", "",
+             "| backend | end to end p50 / p90 ms | UNet step p50 / p90 ms | VAE p50 / p90 ms | UNet % of peak | "
+             "e2e / floor | peak MiB: cond / unet / vae (device used) | max step latent err | PSNR dB mean / min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in summary["backends"].items():
+        st = r["stages"]
+
+        def pp(k, st=st):
+            return f"{_fmt(st[k]['p50_ms'])} / {_fmt(st[k]['p90_ms'])}" if st.get(k) else "—"
+
+        mem = r.get("stage_memory") or {}
+        if mem.get("status") == "ok":
+            m = mem["stages"]
+            mem_s = " / ".join(_fmt(m.get(k, {}).get("torch_peak_allocated_mb"), ".0f") for k in ("conditioning", "unet", "vae_decode"))
+            mem_s += f" ({_fmt(max(v['device_used_mb'] for v in m.values()), '.0f')})"
+        else:
+            mem_s = mem.get("reason", "—")
+        fid = r.get("fidelity") or {}
+        steps = fid.get("per_step_latent_rel_error") or []
+        frac = r.get("unet_fraction_of_peak")
+        lines.append(f"| {name} | {pp('end_to_end')} | {pp('unet_step')} | {pp('vae_decode')} | "
+                     f"{_fmt(frac * 100 if frac is not None else None)} | {_fmt(r.get('end_to_end_over_floor'), '.2f')} | "
+                     f"{mem_s} | {_fmt(max(steps) if steps else None, '.2e')} | "
+                     f"{_fmt(fid.get('psnr_db_mean'))} / {_fmt(fid.get('psnr_db_min'))} |")
+    if summary["skipped"]:
+        lines += ["", "Skipped:", *[f"- {n}: {why}" for n, why in summary["skipped"].items()]]
+    tr = summary.get("train_microstep")
+    if tr:
+        lines += ["", "Training micro-step: " + (tr["error"] if "error" in tr else
+                  f"{tr['what']}: median {tr['median_s'] * 1000:.0f} ms, peak "
+                  f"{_fmt(tr.get('peak_allocated_mb', tr.get('process_peak_rss_mb')), '.0f')} MiB")]
+    wall = summary.get("wall_s", {})
+    if wall:
+        lines += ["", f"Wall time {wall.get('total', 0):.0f} s (budget {BUDGET_S:.0f} s on an H100 class GPU)."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--views", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--backends", default="torch,torch-compile,onnxruntime,tensorrt")
-    ap.add_argument("--engines-dir", default=None)
-    ap.add_argument("--export", action="store_true", help="export ONNX first when an ONNX backend is available (slow at full size)")
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--backends", default="torch,torch-compile,torch-cudagraph,onnxruntime,tensorrt")
+    ap.add_argument("--engines-dir", default=None, help="an export folder to reuse (default: export into OUT/engines)")
+    ap.add_argument("--no-export", action="store_true", help="do not export ONNX for onnxruntime (TensorRT still exports)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode (max-autotune takes many minutes)")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-fidelity", action="store_true")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--train-steps", type=int, default=3)
@@ -156,11 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA GPU here; nothing measured (use --model tiny --device cpu to exercise the script).",
               file=sys.stderr)
         return 3
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
-    from bench.suite import BenchConfig, run_bench
+    from bench.suite import BenchConfig, free_cuda_cache, run_bench
     from mvz.atomic import write_text
 
     out = Path(args.out)
@@ -170,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height, width=args.height, views=args.views, steps=args.steps,
         backends=[b for b in args.backends.split(",") if b], warmup=args.warmup, runs=args.runs,
         fidelity=not args.no_fidelity, quality="off", latency_reward="none", engines_dir=args.engines_dir,
-        export=args.export, peak_tflops=args.peak_tflops, threads=args.threads, out=str(out),
+        export=not args.no_export, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
+        threads=args.threads, out=str(out),
     )
     report = run_bench(cfg, argv=["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])])
     bench_s = time.perf_counter() - t0
@@ -179,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train:
         from mvz.models.loading import load_model
 
+        free_cuda_cache(torch.device(args.device))
         print("training micro-step", file=sys.stderr)
         model = load_model(args.model, random_weights=args.model != "tiny", device=args.device, dtype=args.dtype)
         try:
@@ -188,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             train = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
         del model
     summary = summarize(report, train)
-    summary["wall_s"] = {"bench": bench_s, "total": time.perf_counter() - t0}
+    summary["wall_s"] = {"bench": bench_s, "total": time.perf_counter() - t0, "budget": BUDGET_S}
     write_text(out / "gpu_check.json", json.dumps(summary, indent=2, default=str) + "\n")
-    print(json.dumps(summary, indent=2, default=str))
+    write_text(out / "gpu_check.md", markdown(summary))
+    print(markdown(summary))
     return 0
 
 

@@ -59,6 +59,8 @@ class BenchConfig:
     lora_scale: float = 1.0
     engines_dir: str | None = None
     export: bool = True  # export ONNX into OUT/engines when an ONNX backend is asked for without --engines-dir
+    compile_mode: str | None = None  # torch-compile mode (default: the backend's choice)
+    stage_memory: bool = True  # one extra run per backend for the peak device memory of each stage (CUDA)
     peak_tflops: float | None = None
     threads: int | None = None
     plots: bool = True
@@ -191,7 +193,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
     made = {}
     engines_dir = cfg.engines_dir
     needs_onnx = [n for n in cfg.backends if n in ("onnxruntime", "tensorrt") and not avail.get(n)]
-    if needs_onnx and engines_dir is None and cfg.export:
+    # TensorRT is measured, not skipped: its export (and engines, below) are made when it can run here
+    if needs_onnx and engines_dir is None and (cfg.export or "tensorrt" in needs_onnx):
         engines_dir = str(out / "engines")
         try:
             from export import export_model
@@ -206,10 +209,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
         except MvzError as exc:
             report["engines_export"] = {"folder": None, "error": str(exc)}
             log(f"export failed: {exc}")
+            engines_dir = None
+    if "tensorrt" in needs_onnx and engines_dir is not None:
+        report["engines_build"] = bk.build_tensorrt_engines(Path(engines_dir), log)
+        free_cuda_cache(device)
+
+    options = {"compile_mode": cfg.compile_mode} if cfg.compile_mode else {}
+
     def create_backend(name: str) -> None:
         try:
             b = bk.create(name, model, engines_dir=engines_dir, num_views=cfg.views, height=height, width=width,
-                          batch=cfg.batch, device=device)
+                          batch=cfg.batch, device=device, **(options if name == "torch-compile" else {}))
         except MvzError as exc:
             report["backends"][name] = {"status": "skipped", "reason": str(exc)}
             log(f"backend {name}: skipped ({exc})")
@@ -287,6 +297,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
                 report["backends"][name] = {"status": "failed", "reason": f"latency run: {type(exc).__name__}: {exc}"}
                 log(f"backend {name}: failed during latency ({exc})")
                 continue
+            if cfg.stage_memory:
+                res["stage_memory"] = measure_stage_memory(model, b, prompts=lat_prompts, seeds=lat_seeds,
+                                                           cameras=cameras, height=height, width=width,
+                                                           steps=cfg.steps, guidance=cfg.guidance)
             report["latency"]["backends"][name] = res
         names = list(report["latency"]["backends"])
         base = cfg.baseline if cfg.baseline in names else (names[0] if names else None)
@@ -378,6 +392,82 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
 
     write_outputs(report, out, sheet_rows, plots=cfg.plots)
     return report
+
+
+def free_cuda_cache(device) -> None:
+    """Return torch's cached blocks to the device (before engines allocate their own memory)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _StagePeaks:
+    """Peak device memory per named stage on CUDA: the torch allocator's peak inside the stage and the whole
+    device's used memory at its end (this one includes what TensorRT / ONNX Runtime allocate themselves)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peaks: dict[str, dict[str, float]] = {}
+
+    def wrap(self, name: str, fn):
+        import torch
+
+        def run(*args):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            out = fn(*args)
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            rec = self.peaks.setdefault(name, {"torch_peak_allocated_mb": 0.0, "device_used_mb": 0.0})
+            rec["torch_peak_allocated_mb"] = max(rec["torch_peak_allocated_mb"],
+                                                 torch.cuda.max_memory_allocated(self.device) / 2**20)
+            rec["device_used_mb"] = max(rec["device_used_mb"], (total - free) / 2**20)
+            return out
+
+        return run
+
+
+class _NumViews:
+    """A callable that forwards ``num_views`` to the backend's denoiser (the pipeline sets it)."""
+
+    def __init__(self, fn, inner):
+        self.fn, self.inner = fn, inner
+
+    @property
+    def num_views(self):
+        return getattr(self.inner, "num_views", None)
+
+    @num_views.setter
+    def num_views(self, value):
+        if hasattr(self.inner, "num_views"):
+            self.inner.num_views = value
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def measure_stage_memory(model, backend, *, prompts, seeds, cameras, height, width, steps, guidance) -> dict:
+    """One generation with the peak device memory of each stage (conditioning, unet, vae_decode): CUDA only."""
+    from mvz.pipeline import MultiviewPipeline
+
+    device = model.device
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "peak device memory per stage is measured on CUDA only"}
+    import torch
+
+    peaks = _StagePeaks(device)
+    pipe = MultiviewPipeline(model, _NumViews(peaks.wrap("unet", backend.denoiser), backend.denoiser),
+                             peaks.wrap("vae_decode", backend.decoder), num_views=cameras.num_views)
+    model.clear_residual_cache()
+    with torch.no_grad():
+        cond = peaks.wrap("conditioning", lambda: pipe.prepare(list(prompts), cameras, height, width, guidance))()
+    pipe.sample(list(prompts), list(seeds), steps=steps, guidance=guidance, cameras=cameras, height=height,
+                width=width, conditioning=cond)
+    return {"status": "ok", "stages": peaks.peaks}
 
 
 def write_outputs(report: dict, out: Path, sheet_rows=(), plots: bool = True) -> dict:

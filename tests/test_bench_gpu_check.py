@@ -11,15 +11,27 @@ def test_gpu_check_runs_on_tiny_cpu(tmp_path):
     from bench.gpu_check import main
 
     out = tmp_path / "gpu"
-    code = main(["--model", "tiny", "--device", "cpu", "--height", "64", "--steps", "2", "--runs", "1", "--warmup", "0",
-                 "--backends", "torch,tensorrt", "--train-steps", "1", "--threads", "1", "--no-fidelity", "--out", str(out)])
+    steps = 2
+    code = main(["--model", "tiny", "--device", "cpu", "--height", "64", "--steps", str(steps), "--runs", "2",
+                 "--warmup", "0", "--backends", "torch,torch-cudagraph,tensorrt", "--train-steps", "1", "--threads", "1",
+                 "--peak-tflops", "1", "--out", str(out)])
     assert code == 0
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["backends"]["torch"]["unet_step_ms"] > 0
-    assert "tensorrt" in summary["skipped"]
+    torch_row = summary["backends"]["torch"]
+    for stage in ("end_to_end", "unet_step", "vae_decode", "text_encode"):
+        st = torch_row["stages"][stage]
+        assert 0 < st["p50_ms"] <= st["p90_ms"], stage
+    assert torch_row["stage_memory"] == {"status": "skipped", "reason": "peak device memory per stage is measured on CUDA only"}
+    fid = torch_row["fidelity"]  # fp32 model against the fp32 reference: the same computation
+    assert len(fid["per_step_latent_rel_error"]) == steps and max(fid["per_step_latent_rel_error"]) < 1e-5
+    assert fid["psnr_db_min"] > 60 and fid["ok_finite"]
+    assert 0 < torch_row["unet_fraction_of_peak"] < 1 and torch_row["end_to_end_over_floor"] > 1
+    assert "CUDA" in summary["skipped"]["torch-cudagraph"] and "TensorRT" in summary["skipped"]["tensorrt"]
     tr = summary["train_microstep"]
     assert tr["loss_finite"] and tr["median_s"] > 0 and tr["trainable_params"] > 0
     assert (out / "report.json").is_file()
+    md = (out / "gpu_check.md").read_text()
+    assert "| torch |" in md and "- tensorrt:" in md and "Training micro-step" in md
 
 
 def test_gpu_check_without_cuda_says_so(capsys):
@@ -31,3 +43,49 @@ def test_gpu_check_without_cuda_says_so(capsys):
         pytest.skip("a GPU is present")
     assert main(["--out", "unused"]) == 3
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_builds_tensorrt_engines_when_tensorrt_can_run(tmp_path, monkeypatch):
+    """With TensorRT available, the bench builds (or reuses) the engines of the export before creating the
+    backend, so TensorRT is measured rather than skipped. TensorRT itself is faked (none here)."""
+    from bench import backends as bk
+    from bench.suite import BenchConfig, run_bench
+    from mvz.errors import BackendUnavailableError
+
+    avail = {n: None for n in bk.KNOWN_BACKENDS}
+    monkeypatch.setattr(bk, "availability", lambda: avail)
+    built, created = [], []
+    monkeypatch.setattr(bk, "build_tensorrt_engines", lambda folder, log: built.append(folder) or {"folder": str(folder)})
+    real_create = bk.create
+
+    def create(name, model, **kw):
+        created.append((name, built[:]))
+        if name == "tensorrt":
+            raise BackendUnavailableError("fake: no engines")
+        return real_create(name, model, **kw)
+
+    monkeypatch.setattr(bk, "create", create)
+    engines = tmp_path / "export"
+    cfg = BenchConfig(model="tiny", device="cpu", height=64, width=64, steps=1, runs=1, warmup=0, fidelity=False,
+                      quality="off", latency_reward="none", backends=["torch", "tensorrt"], engines_dir=str(engines),
+                      plots=False, out=str(tmp_path / "out"))
+    report = run_bench(cfg)
+    assert built == [engines]
+    assert ("tensorrt", [engines]) in created, "engines are built before the TensorRT backend is created"
+    assert report["engines_build"] == {"folder": str(engines)}
+
+
+def test_tensorrt_builder_prefers_the_build_module(monkeypatch):
+    import sys
+    import types
+
+    from bench import backends as bk
+
+    fake = types.ModuleType("engines.tensorrt_build")
+    fake.build_engines = lambda folder: "built"
+    monkeypatch.setitem(sys.modules, "engines.tensorrt_build", fake)
+    assert bk.tensorrt_builder() is fake.build_engines
+    monkeypatch.setitem(sys.modules, "engines.tensorrt_build", None)  # not there: the runtime module's, if any
+    import engines.tensorrt_backend as runtime
+
+    assert bk.tensorrt_builder() is getattr(runtime, "build_engines", None)
