@@ -431,25 +431,6 @@ class _StagePeaks:
         return run
 
 
-class _NumViews:
-    """A callable that forwards ``num_views`` to the backend's denoiser (the pipeline sets it)."""
-
-    def __init__(self, fn, inner):
-        self.fn, self.inner = fn, inner
-
-    @property
-    def num_views(self):
-        return getattr(self.inner, "num_views", None)
-
-    @num_views.setter
-    def num_views(self, value):
-        if hasattr(self.inner, "num_views"):
-            self.inner.num_views = value
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
 def measure_stage_memory(model, backend, *, prompts, seeds, cameras, height, width, steps, guidance) -> dict:
     """One generation with the peak device memory of each stage (conditioning, unet, vae_decode): CUDA only."""
     from mvz.pipeline import MultiviewPipeline
@@ -460,8 +441,10 @@ def measure_stage_memory(model, backend, *, prompts, seeds, cameras, height, wid
     import torch
 
     peaks = _StagePeaks(device)
-    pipe = MultiviewPipeline(model, _NumViews(peaks.wrap("unet", backend.denoiser), backend.denoiser),
-                             peaks.wrap("vae_decode", backend.decoder), num_views=cameras.num_views)
+    # plain wrappers: the backend's denoiser was made for these cameras' view count (the pipeline sets it only
+    # on denoisers that have the attribute)
+    pipe = MultiviewPipeline(model, peaks.wrap("unet", backend.denoiser), peaks.wrap("vae_decode", backend.decoder),
+                             num_views=cameras.num_views)
     model.clear_residual_cache()
     with torch.no_grad():
         cond = peaks.wrap("conditioning", lambda: pipe.prepare(list(prompts), cameras, height, width, guidance))()
