@@ -214,12 +214,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
         report["engines_build"] = bk.build_tensorrt_engines(Path(engines_dir), log)
         free_cuda_cache(device)
 
-    options = {"compile_mode": cfg.compile_mode} if cfg.compile_mode else {}
+    # every backend of the run shares the model: TensorRT must not move its torch UNet/VAE off the GPU here
+    per_backend = {"torch-compile": {"compile_mode": cfg.compile_mode} if cfg.compile_mode else {},
+                   "tensorrt": {"release_torch": False}}
 
     def create_backend(name: str) -> None:
         try:
             b = bk.create(name, model, engines_dir=engines_dir, num_views=cfg.views, height=height, width=width,
-                          batch=cfg.batch, device=device, **(options if name == "torch-compile" else {}))
+                          batch=cfg.batch, device=device, **per_backend.get(name, {}))
         except MvzError as exc:
             report["backends"][name] = {"status": "skipped", "reason": str(exc)}
             log(f"backend {name}: skipped ({exc})")

@@ -24,6 +24,8 @@ class Backend:
     denoiser: Any  # mvz.pipeline.Denoiser
     decoder: Any  # mvz.pipeline.Decoder
     info: dict[str, Any] = field(default_factory=dict)
+    stream: Any = None  # the torch.cuda.Stream the backend computes on (None: the caller's); benchmarks time on it
+    keep_alive: list[Any] = field(default_factory=list)  # device buffers the backend's engines point into
 
 
 def load_checked_export(

@@ -174,4 +174,5 @@ def create_onnxruntime_backend(model, engines_dir, *, num_views, height, width, 
     info = {"provider": unet.providers[0], "providers": unet.providers, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "io_binding": unet.io_binding, "export": str(folder),
             "manifest": manifest.summary()}
-    return Backend("onnxruntime", GraphDenoiser(unet, num_views, "onnxruntime"), GraphDecoder(vae, "onnxruntime"), info)
+    return Backend("onnxruntime", GraphDenoiser(unet, num_views, "onnxruntime"), GraphDecoder(vae, "onnxruntime"), info,
+                   stream=stream)

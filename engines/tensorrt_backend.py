@@ -266,10 +266,37 @@ def _torch_dtype(trt, dt):
     return _TORCH_DTYPES[dt]
 
 
-class TrtEngine:
-    """One deserialized engine with one context and preallocated, address-bound torch I/O."""
+def shared_context_bytes(engines) -> int:
+    """Size of the one device buffer the contexts of ``engines`` share: the largest ``device_memory_size_v2``
+    (they run one after another on one stream, so one scratch buffer serves them all)."""
+    return max((int(e.device_memory_bytes) for e in engines), default=0)
 
-    def __init__(self, plan_path: Path, device: torch.device, cuda_graph: bool = False):
+
+def share_context_memory(engines, device: torch.device) -> torch.Tensor | None:
+    """Allocate one buffer of :func:`shared_context_bytes` and give it to every engine's context. Returns the
+    buffer (keep it alive as long as the engines run)."""
+    size = shared_context_bytes(engines)
+    if size == 0:
+        return None
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    for e in engines:
+        e.set_device_memory(buffer.data_ptr(), size)
+    return buffer
+
+
+class TrtEngine:
+    """One deserialized engine with one user-managed context and preallocated, address-bound torch I/O.
+
+    The context is created with ``ExecutionContextAllocationStrategy.USER_MANAGED``: it owns no scratch memory
+    until :meth:`set_device_memory` gives it a buffer (shared by all engines of a backend, see
+    :func:`share_context_memory`). Everything runs on ``stream`` (a ``torch.cuda.Stream``, never the legacy
+    default stream, on which ``enqueueV3`` adds device synchronisations): the stream first waits for the
+    caller's stream, and the caller's stream waits for the result. With ``cuda_graph`` the first call runs
+    once, then captures ``execute_async_v3`` on that stream; later calls replay. The engine's shapes are
+    static (checked on every call) and nothing else shapes its kernels, so one graph per engine is keyed
+    fully; new weights (refit) or a new scratch buffer drop it."""
+
+    def __init__(self, plan_path: Path, device: torch.device, cuda_graph: bool = False, stream=None):
         trt = _trt()
         self.trt = trt
         self.device = device
@@ -279,7 +306,12 @@ class TrtEngine:
         if self.engine is None:
             raise CheckpointError(f"{plan_path} is not a loadable TensorRT engine (corrupt, or another TensorRT).",
                                   "Rebuild the engines on this machine.")
-        self.context = self.engine.create_execution_context()
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise BackendUnavailableError(f"TensorRT could not create an execution context for {plan_path.name}.",
+                                          "Free GPU memory (close other processes) or rebuild the engines.")
+        self.device_memory_bytes = int(self.engine.device_memory_size_v2)
+        self.stream = stream if stream is not None else torch.cuda.Stream(device)
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.buffers: dict[str, torch.Tensor] = {}
@@ -298,31 +330,48 @@ class TrtEngine:
         self.rows = self.buffers[self.inputs[0]].shape[0]
         self.use_cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._has_memory = self.device_memory_bytes == 0
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        """Give the context its scratch memory (``size`` >= ``device_memory_bytes``) at ``ptr``."""
+        if size < self.device_memory_bytes:
+            raise ValueError(f"context memory of {size} bytes is smaller than the {self.device_memory_bytes} needed")
+        self.context.set_device_memory(int(ptr), int(size))
+        self._has_memory = True
+        self._graph = None  # a captured graph holds the old addresses
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
 
     def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Copy ``{input name: tensor}`` into the bound buffers, run (or replay the CUDA graph), return a
-        copy of the first output. Inputs are matched by name, never by position."""
-        for name in self.inputs:
-            buf, t = self.buffers[name], tensors[name]
-            if tuple(t.shape) != tuple(buf.shape):
-                raise ManifestMismatchError(f"engine input {name} is {tuple(buf.shape)}, got {tuple(t.shape)}.",
-                                            "Rebuild the engines for this shape (mvz export --batch/--views/--resolution).")
-            buf.copy_(t)
-        if not self.use_cuda_graph:
-            self._enqueue()
-        else:
-            if self._graph is None:
-                self._enqueue()  # first run outside the capture (lazy initialisation inside TensorRT)
-                torch.cuda.current_stream(self.device).synchronize()
-                self._graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self._graph):
-                    self._enqueue()
-            self._graph.replay()
-        return self.buffers[self.outputs[0]].clone()
+        """Copy ``{input name: tensor}`` into the bound buffers, run (or replay the CUDA graph) on the engine's
+        stream, return a copy of the first output. Inputs are matched by name, never by position."""
+        if not self._has_memory:
+            raise RuntimeError("the TensorRT context has no device memory yet (call share_context_memory)")
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            for name in self.inputs:
+                buf, t = self.buffers[name], tensors[name]
+                if tuple(t.shape) != tuple(buf.shape):
+                    raise ManifestMismatchError(f"engine input {name} is {tuple(buf.shape)}, got {tuple(t.shape)}.",
+                                                "Rebuild the engines for this shape (mvz export --batch/--views/--resolution).")
+                buf.copy_(t)
+            if not self.use_cuda_graph:
+                self._enqueue()
+            else:
+                if self._graph is None:
+                    self._enqueue()  # first run outside the capture (lazy initialisation inside TensorRT)
+                    self.stream.synchronize()
+                    self._graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self._graph, stream=self.stream):
+                        self._enqueue()
+                self._graph.replay()
+            out = self.buffers[self.outputs[0]].clone()
+        caller.wait_stream(self.stream)
+        out.record_stream(caller)
+        return out
 
     # ---- refit ------------------------------------------------------------------------------------
     def refit_named(self, weights: dict[str, Any], base_onnx: Path | None = None) -> bool:
@@ -374,7 +423,7 @@ def find_engine_folder(engines_dir: Path) -> tuple[Path, Path]:
 
 
 def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True,
-                            rebuild: bool = True) -> Backend:
+                            rebuild: bool = True, release_torch: bool = True) -> Backend:
     """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
     none) is served by refitting a refittable UNet engine by weight name; when the engine is not refittable
     or TensorRT refuses the refit, ``rebuild`` re-exports the model with its LoRA fused into
@@ -400,17 +449,25 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     if lora_differs and not em.engines["unet"].refittable:
         return _rebuilt_backend(model, export_dir, manifest, em, "the UNet engine was built for another LoRA and is "
                                 "not refittable", rebuild, num_views=num_views, height=height, width=width, batch=batch,
-                                device=device, cuda_graph=cuda_graph)
-    unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph)
-    vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph)
+                                device=device, cuda_graph=cuda_graph, release_torch=release_torch)
+    stream = torch.cuda.Stream(dev)  # the backend's stream: both engines run on it, one after the other
+    unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+    vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+    context_memory = share_context_memory([unet, vae], dev)
+    info["context_memory_bytes"] = shared_context_bytes([unet, vae])
     if lora_differs:
         try:
             info["refit"] = refit_unet_for_model(unet, export_dir, manifest, model)
         except ManifestMismatchError as err:
-            del unet, vae
+            del unet, vae, context_memory
             return _rebuilt_backend(model, export_dir, manifest, em, err.what.rstrip("."), rebuild, num_views=num_views,
-                                    height=height, width=width, batch=batch, device=device, cuda_graph=cuda_graph)
-    return Backend("tensorrt", GraphDenoiser(unet, num_views, "tensorrt"), GraphDecoder(vae, "tensorrt"), info)
+                                    height=height, width=width, batch=batch, device=device, cuda_graph=cuda_graph,
+                                    release_torch=release_torch)
+    if release_torch and model is not None:  # the engines serve the UNet and VAE now
+        model.release_unet_and_vae()
+        info["torch_unet_vae"] = "moved to the CPU"
+    return Backend("tensorrt", GraphDenoiser(unet, num_views, "tensorrt"), GraphDecoder(vae, "tensorrt"), info,
+                   stream=stream, keep_alive=[context_memory])
 
 
 def _rebuilt_backend(model, export_dir: Path, manifest: ExportManifest, em: EngineManifest, why: str, rebuild: bool,

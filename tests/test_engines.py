@@ -335,3 +335,22 @@ def test_ort_default_stream_is_not_passed():
 
     got = select_providers("cuda", _GPU, available=_ALL_EPS, stream=0)
     assert got[0] == ("CUDAExecutionProvider", {"device_id": 1})
+
+
+class _FakeEngine:
+    def __init__(self, need):
+        self.device_memory_bytes, self.given = need, []
+
+    def set_device_memory(self, ptr, size):
+        self.given.append((ptr, size))
+
+
+def test_engines_share_one_context_buffer_sized_by_the_largest():
+    """USER_MANAGED contexts: one buffer of max(device_memory_size_v2), the same pointer for every engine."""
+    from engines.tensorrt_backend import share_context_memory, shared_context_bytes
+
+    unet, vae = _FakeEngine(3000), _FakeEngine(7000)
+    assert shared_context_bytes([unet, vae]) == 7000 and shared_context_bytes([]) == 0
+    buf = share_context_memory([unet, vae], torch.device("cpu"))
+    assert buf.numel() == 7000 and buf.dtype == torch.uint8
+    assert unet.given == vae.given == [(buf.data_ptr(), 7000)]

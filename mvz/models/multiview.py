@@ -93,7 +93,20 @@ class MultiviewModel:
     # ---- geometry ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the model runs: the camera adapter's device (it stays when engines serve and the torch UNet
+        and VAE have been moved off the GPU, see :meth:`release_unet_and_vae`)."""
+        return next(self.adapter.parameters()).device
+
+    def release_unet_and_vae(self) -> None:
+        """Move the torch UNet and VAE to the CPU and return their GPU memory (engines serve them now)."""
+        import gc
+
+        on_gpu = self.device.type == "cuda"
+        self.unet.to("cpu")
+        self.vae.to("cpu")
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
 
     @property
     def dtype(self) -> torch.dtype:
