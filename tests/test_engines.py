@@ -195,7 +195,7 @@ def test_tensorrt_build_run_and_refit(tmp_path):
     reason = _has_tensorrt()
     if reason:
         pytest.skip(reason)
-    from engines.tensorrt_backend import build_engines
+    from engines.tensorrt_build import build_engines
     from mvz.models.loading import load_model
     from mvz.pipeline import MultiviewPipeline
 
