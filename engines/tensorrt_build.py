@@ -240,9 +240,23 @@ def build_one(spec: BuildSpec, plan_path: Path, manifest: ExportManifest, graph:
     write_bytes(plan_path, plan)
     say(f"built {plan_path.name} in {seconds:.1f}s; check vs ONNX Runtime passed (median rel err "
         f"{check['median_rel_err']:.2e})")
+    return record_plan(plan_path, spec, manifest, graph, seconds, check)
+
+
+def record_plan(plan_path: Path, spec: BuildSpec, manifest: ExportManifest, graph: str, seconds: float,
+                check: dict[str, Any]) -> EngineEntry:
+    """The engine manifest entry of a written plan: its full sha256 and the ONNX hash it was built from."""
     return EngineEntry(plan=plan_path.name, plan_sha256=sha256_file(plan_path), source_onnx=spec.onnx.name,
                        source_sha256=manifest.graphs[graph].sha256, profile=spec.profile, refit=spec.refit,
-                       build_seconds=seconds, bytes=len(plan), check=check, refittable_weights=len(spec.refit_weights))
+                       build_seconds=seconds, bytes=plan_path.stat().st_size, check=check,
+                       refittable_weights=len(spec.refit_weights))
+
+
+def new_engine_manifest(export_dir: Path, tensorrt_version: str, gpu: str, compute_capability: str, *,
+                        opt_level: int, workspace_bytes: int) -> EngineManifest:
+    """An empty engine manifest bound to this export (the sha256 of its manifest file)."""
+    return EngineManifest(tensorrt_version, gpu, compute_capability, manifest_sha256(export_dir),
+                          builder_optimization_level=opt_level, workspace_bytes=int(workspace_bytes), created=now_iso())
 
 
 def gpu_identity(device=None) -> dict[str, Any]:
@@ -293,8 +307,8 @@ def build_engines(
         current = None
     if current is None or force or environment_problems(current, trt.__version__, ident["gpu"], ident["compute_capability"]) \
             or engine_problems(current, out, export_dir, manifest, graphs=(), hash_plans=False):
-        current = EngineManifest(trt.__version__, ident["gpu"], ident["compute_capability"], manifest_sha256(export_dir),
-                                 builder_optimization_level=opt_level, workspace_bytes=int(workspace_bytes), created=now_iso())
+        current = new_engine_manifest(export_dir, trt.__version__, ident["gpu"], ident["compute_capability"],
+                                      opt_level=opt_level, workspace_bytes=workspace_bytes)
     tc = usable_timing_cache(Path(timing_cache) if timing_cache else out / "timing.cache", trt, say)
     mode = refit_mode(refittable, trt)
     for g in graphs:

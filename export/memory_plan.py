@@ -73,7 +73,7 @@ def unet_activation_bytes(shape: UNetShape, rows: int, views: int, lat_h: int, l
               if att), default=0)
     per_row = skips + max(UNET_WORK_MAPS * largest, ff)
     prompts = max(1, rows // views)
-    scores = max((c // HEAD_DIM * h * (views * w) ** 2 for (c, h, w), att in zip(levels, shape.attention_levels, strict=True)
+    scores = max((max(1, c // HEAD_DIM) * h * (views * w) ** 2 for (c, h, w), att in zip(levels, shape.attention_levels, strict=True)
                   if att), default=0)
     return (rows * per_row + prompts * scores) * dtype_bytes
 
