@@ -337,11 +337,10 @@ def rebuild_for_model(model, export_dir: Path, why: str, on_stage: StageCallback
     engines for it under ``<export>/lora_rebuilds/<lora sha256[:12]>-x<scale>/`` (reused next time), with
     the options of the original export and engines. Called by the CLI, never by the runtime."""
     from engines.base import model_lora_identity
-    from engines.tensorrt_manifest import EngineManifest as _EM
     from export.exporter import export_model
 
     manifest = read_manifest(export_dir)
-    em = _EM.load(export_dir / ENGINES_SUBDIR)
+    em = EngineManifest.load(export_dir / ENGINES_SUBDIR)
     lid = model_lora_identity(model)
     tag = f"{lid['sha256'][:12]}-x{lid['scale']:g}" if lid else "no-lora"
     out = export_dir / "lora_rebuilds" / tag

@@ -7,8 +7,10 @@ Two sources:
 * a UNet that already carries PEFT LoRA layers (``load_model(..., lora=...)``): merged with PEFT's own
   ``merge()`` and unwrapped to plain ``nn.Linear`` layers.
 
-The caller's UNet is never modified: fusion works on a deep copy (its MV processors share one copied
-``MVSettings``).
+Three ways to apply it: :func:`fused_unet` on a deep copy (its MV processors share one copied
+``MVSettings``); :func:`lora_fused_in_place` in the UNet's own weights for the duration of a block, restored
+bit for bit afterwards (the export: never a second UNet on the GPU); :func:`fused_weight` one weight at a
+time from attached PEFT layers (the refit: nothing copied).
 """
 
 from __future__ import annotations
