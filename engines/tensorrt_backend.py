@@ -160,7 +160,10 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     try:
         unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph)
         if lora_differs:  # before the first run: no CUDA graph holds the old weights
+            from engines.tensorrt_refit import check_refit
+
             info["refit"] = _refit_for_model(unet, export_dir, manifest, model)
+            info["refit"]["check"] = check_refit(unet.run, model, manifest)
         vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(f"out of GPU memory loading the engines of {eng_dir}.",

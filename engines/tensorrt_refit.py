@@ -68,3 +68,33 @@ def refit_unet(engine, trt, logger, refit_map: dict[str, Any], model, engine_has
     if not refitter.refit_cuda_engine():
         raise RefitRefusedError("TensorRT could not refit the engine (its weights are now undefined).", REBUILD)
     return {"weights": len(targets), "extra_weights": len(extra), "seconds": time.perf_counter() - t0}
+
+
+# engine after refit vs the torch UNet carrying the LoRA: (max rel, median rel, min cosine), as export parity
+REFIT_CHECK_TOLERANCE = {"fp16": (1e-1, 1e-2, 0.999), "fp32": (1e-2, 1e-3, 0.99999)}
+
+
+def check_refit(run, model, manifest) -> dict:
+    """One comparison of the refitted UNet engine (``run({input: tensor}) -> eps``) with the model's torch
+    UNet (LoRA attached) on the fixed check input, with a NaN/inf check; a failure is a refusal (rebuild)."""
+    import torch
+
+    from engines.tensorrt_build import check_inputs
+    from export.parity import compare, within
+    from export.wrappers import UNET_INPUTS, UNetWrapper
+
+    dev = model.device
+    feeds = {k: torch.from_numpy(v).to(dev) for k, v in check_inputs(manifest, "unet").items()}
+    f = model.vae_scale_factor
+    wrapper = UNetWrapper(model.unet, manifest.num_views, manifest.height // f, manifest.width // f).eval()
+    with torch.inference_mode():
+        ref = wrapper(*[feeds[n].to(model.dtype) if n != "timestep" else feeds[n] for n in UNET_INPUTS])
+        out = run(feeds)
+    stats = compare(ref.float().cpu().numpy(), out.float().cpu().numpy())
+    tol = REFIT_CHECK_TOLERANCE[manifest.precision]
+    stats["passed"] = within(stats, manifest.precision, tol)
+    if not stats["passed"]:
+        raise RefitRefusedError(
+            f"the refitted UNet engine does not match the torch UNet with this LoRA (finite={stats['finite']}, "
+            f"median rel err {stats['median_rel_err']:.3g}, cosine {stats['cosine']:.5f}).", REBUILD)
+    return stats

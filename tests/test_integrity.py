@@ -220,3 +220,23 @@ def test_in_place_fusion_matches_the_copy_and_restores_bit_for_bit(model, export
         changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])]
         assert changed and all(torch.equal(unet.state_dict()[k], ref[k]) for k in before)
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_refit_check_accepts_the_right_weights_and_refuses_stale_ones(model, exports):
+    """The post-refit comparison with the torch UNet carrying the LoRA: export B's graph (what a correct refit
+    to LoRA b computes) passes; export A's graph (a refit that left LoRA a's weights) is refused."""
+    from types import SimpleNamespace
+
+    from engines.tensorrt_refit import check_refit
+    from export.parity import run_onnx
+
+    (_, exp_a), (lora_b, exp_b) = exports["a"], exports["b"]
+    torch_b = SimpleNamespace(unet=_peft_unet(model, lora_b), device=torch.device("cpu"), dtype=torch.float32,
+                              vae_scale_factor=model.vae_scale_factor)
+
+    def engine(folder):
+        return lambda feeds: torch.from_numpy(run_onnx(folder / "unet.onnx", {k: v.numpy() for k, v in feeds.items()})[0])
+
+    assert check_refit(engine(exp_b.folder), torch_b, exp_b.manifest)["passed"]
+    with pytest.raises(RefitRefusedError, match="does not match the torch UNet"):
+        check_refit(engine(exp_a.folder), torch_b, exp_a.manifest)
