@@ -1,41 +1,32 @@
-"""TensorRT 10/11: build engines from an export folder, run them, refit them for another LoRA.
+"""TensorRT 10/11 runtime half: serve the engines of an export folder behind the Denoiser/Decoder contract.
 
 Written against the documented Python API (reference ``deployment.md`` §1); nothing here has run on real
 TensorRT in this repository's CI (no GPU, no builder): the tests marked ``tensorrt`` run it where it exists.
 
-Build (per graph): ``Builder.create_network(flags)`` -- strongly typed (TensorRT 10 needs the
-``STRONGLY_TYPED`` flag; 11 is always strongly typed and ignores it), so the precision is the ONNX's (fp16
-export) -> ``OnnxParser.parse_from_file`` (finds external data beside the file) -> one static optimisation
-profile (min = opt = max, so CUDA graphs apply) -> workspace pool limit, builder optimisation level,
-optional ``REFIT`` flag, a timing cache file read before and written after -> ``build_serialized_network``.
-Plans go to ``<export>/engines/`` with ``mvz_engines.json`` (TensorRT version, GPU name and compute
-capability, profiles, source ONNX hashes).
+Build: ``engines.tensorrt_build`` (Polygraphy loaders, numeric check, atomic plans). Manifest and integrity
+checks: ``engines.tensorrt_manifest`` (pure). LoRA switch by refit: ``engines.tensorrt_refit``.
+
+Load: the export manifest must fit the model and the request; the engine manifest must belong to this very
+export (its manifest's sha256), each plan must be the one built (full sha256) from this export's ONNX, for
+this TensorRT and GPU. A model that carries another LoRA than the engines is served by refitting the UNet
+engine, all or nothing; a refused refit raises :class:`RefitRefusedError` and the caller (the CLI) decides
+to rebuild: the runtime never calls the exporter.
 
 Run: deserialize once, one execution context, preallocated torch tensors bound by address once,
 ``execute_async_v3`` on the current torch stream; optional CUDA-graph capture of that call (torch's CUDA
 graph API captures TensorRT's kernels on the capturing stream) and replay.
-
-Refit (LoRA switch without a rebuild): a refittable engine gets the LoRA-fused weights by ONNX initializer
-name (``export.refit_map``) through ``Refitter.set_named_weights``, or from a re-exported ONNX through
-``OnnxParserRefitter.refit_from_file``; if TensorRT refuses, the caller rebuilds.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
-from export.manifest import ExportManifest, now_iso, read_manifest, sha256_file
-from mvz.errors import BackendUnavailableError, CheckpointError, ManifestMismatchError, ModelNotFoundError
-
-ENGINE_MANIFEST = "mvz_engines.json"
-ENGINES_SUBDIR = "engines"
+from engines.tensorrt_manifest import EngineManifest, check_engines, find_engine_folder
+from export.refit_map import RefitRefusedError
+from mvz.errors import BackendUnavailableError, CheckpointError, DeviceError, ManifestMismatchError
 
 
 def unavailable_reason(need_builder: bool = False) -> str | None:
@@ -60,201 +51,6 @@ def _trt():
     return trt
 
 
-def trt_major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
-def gpu_identity(device: torch.device | None = None) -> dict[str, Any]:
-    idx = (device.index if device is not None and device.index is not None else torch.cuda.current_device())
-    major, minor = torch.cuda.get_device_capability(idx)
-    return {"gpu": torch.cuda.get_device_name(idx), "compute_capability": f"{major}.{minor}"}
-
-
-@dataclass
-class EngineEntry:
-    plan: str
-    source_onnx: str
-    source_sha256: str
-    profile: dict[str, list[list[int]]]  # input -> [min, opt, max]
-    refittable: bool
-    build_seconds: float
-    bytes: int
-    lora: dict | None = None  # the LoRA the weights currently correspond to (after a refit)
-
-
-@dataclass
-class EngineManifest:
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-    export_manifest_sha256: str
-    engines: dict[str, EngineEntry] = field(default_factory=dict)
-    builder_optimization_level: int = 3
-    workspace_bytes: int = 0
-    created: str = ""
-
-    def save(self, folder: Path) -> Path:
-        from mvz.atomic import write_json
-
-        return write_json(folder / ENGINE_MANIFEST, asdict(self))
-
-    @classmethod
-    def load(cls, folder: Path) -> EngineManifest:
-        import json
-
-        path = folder / ENGINE_MANIFEST
-        if not path.is_file():
-            raise ModelNotFoundError(f"no TensorRT engines in {folder} ({ENGINE_MANIFEST} missing).",
-                                     "Build them with: mvz export --model MODEL --out DIR (on the GPU that runs them).")
-        try:
-            d = json.loads(path.read_text())
-            d["engines"] = {k: EngineEntry(**v) for k, v in d["engines"].items()}
-            return cls(**d)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"engine manifest {path} is corrupt ({exc}).", "Rebuild the engines with --force.") from None
-
-
-def profile_shapes(manifest: ExportManifest, graph: str) -> dict[str, list[list[int]]]:
-    """Static profile (min = opt = max) from the export's I/O specs; a dynamic batch spans 1..batch prompts."""
-    out = {}
-    rows = manifest.batch * manifest.num_views
-    for spec in manifest.graphs[graph].inputs:
-        dims = list(spec.shape)
-        if all(isinstance(d, int) for d in dims):
-            out[spec.name] = [dims, dims, dims]
-        else:
-            lo = [manifest.num_views if not isinstance(d, int) else d for d in dims]
-            hi = [rows if not isinstance(d, int) else d for d in dims]
-            out[spec.name] = [lo, hi, hi]
-    return out
-
-
-def build_engine(
-    onnx_path: Path,
-    plan_path: Path,
-    profile: dict[str, list[list[int]]],
-    *,
-    workspace_bytes: int = 8 << 30,
-    opt_level: int = 3,
-    refittable: bool = False,
-    timing_cache: Path | None = None,
-    log: Callable[[str], None] | None = None,
-) -> float:
-    """Build one strongly typed engine; returns the build seconds. The plan is written atomically."""
-    from mvz.atomic import write_bytes
-
-    trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if trt_major(trt) < 11:  # TensorRT 10: strong typing is opt-in; 11: always on, the flag is ignored
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CheckpointError(f"TensorRT cannot parse {onnx_path}: {errors[:500]}", "Re-export the ONNX (mvz export --force).")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    config.builder_optimization_level = int(opt_level)
-    if refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    prof = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        prof.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(prof)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    t = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t
-    if plan is None:
-        raise BackendUnavailableError(f"TensorRT failed to build an engine from {onnx_path} (see the log above).",
-                                      "Try a larger --workspace, or check GPU memory.")
-    write_bytes(plan_path, bytes(plan))
-    if timing_cache is not None:
-        write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-    if log:
-        log(f"built {plan_path.name} in {seconds:.1f}s")
-    return seconds
-
-
-def build_engines(
-    export_dir: str | Path,
-    *,
-    graphs: tuple[str, ...] = ("unet", "vae_decoder"),
-    workspace_bytes: int = 8 << 30,
-    opt_level: int = 3,
-    refittable: bool = False,
-    timing_cache: str | Path | None = None,
-    force: bool = False,
-    on_stage: Callable[[str, str, dict], None] | None = None,
-) -> EngineManifest:
-    """Build (or reuse, when current for this GPU/TensorRT/export) the engines of an export folder."""
-    trt = _trt()
-    if unavailable_reason(need_builder=True):
-        raise BackendUnavailableError(unavailable_reason(need_builder=True))
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    out = export_dir / ENGINES_SUBDIR
-    out.mkdir(exist_ok=True)
-    ident = gpu_identity()
-    msha = sha256_file(export_dir / "mvz_export.json")
-    try:
-        current = EngineManifest.load(out)
-    except (ModelNotFoundError, CheckpointError):
-        current = None
-    if current is None or force or current.tensorrt != trt.__version__ or current.gpu != ident["gpu"] \
-            or current.export_manifest_sha256 != msha:
-        current = EngineManifest(trt.__version__, ident["gpu"], ident["compute_capability"], msha,
-                                 builder_optimization_level=opt_level, workspace_bytes=int(workspace_bytes), created=now_iso())
-    tc = Path(timing_cache) if timing_cache else out / "timing.cache"
-    for g in graphs:
-        src = export_dir / manifest.graphs[g].file
-        entry = current.engines.get(g)
-        if entry and not force and entry.source_sha256 == manifest.graphs[g].sha256 and entry.refittable >= refittable \
-                and (out / entry.plan).is_file():
-            if on_stage:
-                on_stage(f"{g}: engine", "skip", {"reason": "up to date"})
-            continue
-        plan = f"{g}{'.refit' if refittable else ''}.trt{trt.__version__}.plan"
-        if on_stage:
-            on_stage(f"{g}: engine", "start", {"plan": plan})
-        prof = profile_shapes(manifest, g)
-        secs = build_engine(src, out / plan, prof, workspace_bytes=workspace_bytes, opt_level=opt_level,
-                            refittable=refittable, timing_cache=tc)
-        current.engines[g] = EngineEntry(plan, manifest.graphs[g].file, manifest.graphs[g].sha256, prof, refittable,
-                                         secs, (out / plan).stat().st_size, manifest.lora)
-        current.save(out)
-        if on_stage:
-            on_stage(f"{g}: engine", "done", {"seconds": secs, "bytes": current.engines[g].bytes})
-    current.save(out)
-    return current
-
-
-def check_engines(em: EngineManifest, folder: Path, device: torch.device, manifest: ExportManifest | None = None) -> None:
-    """Refuse engines built with another TensorRT, for another GPU, or from other ONNX graphs (another
-    export: other shapes, precision or weights); missing plan files too. Each message says how to rebuild."""
-    import tensorrt as trt
-
-    ident = gpu_identity(device)
-    rebuild = "Rebuild them on this machine: mvz export --model MODEL --out EXPORT_DIR (engines are rebuilt, the ONNX kept)."
-    problems = []
-    if em.tensorrt != trt.__version__:
-        problems.append(f"built with TensorRT {em.tensorrt}, this is {trt.__version__}")
-    if em.gpu != ident["gpu"] or em.compute_capability != ident["compute_capability"]:
-        problems.append(f"built for {em.gpu} (sm {em.compute_capability}), this is {ident['gpu']} (sm {ident['compute_capability']})")
-    for g in ("unet", "vae_decoder"):
-        e = em.engines.get(g)
-        if e is None or not (folder / e.plan).is_file():
-            problems.append(f"no {g} engine")
-        elif manifest is not None and (g not in manifest.graphs or e.source_sha256 != manifest.graphs[g].sha256):
-            problems.append(f"the {g} engine was built from another ONNX export (other shapes, precision or weights)")
-    if problems:
-        raise ManifestMismatchError(f"the engines in {folder} do not fit here: {'; '.join(problems)}.", rebuild)
-
-
 _TORCH_DTYPES = {}
 
 
@@ -263,6 +59,9 @@ def _torch_dtype(trt, dt):
         _TORCH_DTYPES.update({trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
                               trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
                               trt.DataType.BF16: torch.bfloat16, trt.DataType.BOOL: torch.bool})
+    if dt not in _TORCH_DTYPES:
+        raise CheckpointError(f"the engine has an input or output of type {dt}, which mvz cannot bind.",
+                              "Re-export in fp16 or fp32 (mvz export --precision fp16 --force).")
     return _TORCH_DTYPES[dt]
 
 
@@ -373,96 +172,54 @@ class TrtEngine:
         out.record_stream(caller)
         return out
 
-    # ---- refit ------------------------------------------------------------------------------------
-    def refit_named(self, weights: dict[str, Any], base_onnx: Path | None = None) -> bool:
-        """Set weights by name (numpy arrays, kept alive until the refit is done); missing ones are taken
-        from ``base_onnx`` initializers. Returns False when TensorRT refuses (then rebuild)."""
-        trt = self.trt
-        refitter = trt.Refitter(self.engine, self.logger)
-        keep = []
-        for name, arr in weights.items():
-            w = trt.Weights(arr)
-            keep.append((arr, w))
-            if not refitter.set_named_weights(name, w):
-                return False
-        missing = list(refitter.get_missing_weights())
-        if missing and base_onnx is not None:
-            import onnx
-            from onnx import numpy_helper
 
-            inits = {i.name: i for i in onnx.load(str(base_onnx)).graph.initializer}
-            for name in missing:
-                if name in inits:
-                    arr = numpy_helper.to_array(inits[name])
-                    w = trt.Weights(arr)
-                    keep.append((arr, w))
-                    refitter.set_named_weights(name, w)
-        if refitter.get_missing_weights():
-            return False
-        ok = bool(refitter.refit_cuda_engine())
-        self._graph = None  # recapture after new weights
-        return ok
-
-    def refit_from_onnx(self, onnx_path: Path) -> bool:
-        """Refit from a re-exported ONNX of identical structure (``OnnxParserRefitter``)."""
-        trt = self.trt
-        refitter = trt.Refitter(self.engine, self.logger)
-        parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
-        if not parser_refitter.refit_from_file(str(onnx_path)):
-            return False
-        ok = bool(refitter.refit_cuda_engine())
-        self._graph = None
-        return ok
-
-
-def find_engine_folder(engines_dir: Path) -> tuple[Path, Path]:
-    """(export folder, engines folder) from either of them."""
-    if (engines_dir / ENGINE_MANIFEST).is_file():
-        return engines_dir.parent, engines_dir
-    return engines_dir, engines_dir / ENGINES_SUBDIR
+def gpu_identity(device: torch.device | None = None) -> tuple[str, str]:
+    idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return torch.cuda.get_device_name(idx), f"{major}.{minor}"
 
 
 def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True,
                             rebuild: bool = True, release_torch: bool = True) -> Backend:
     """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
-    none) is served by refitting a refittable UNet engine by weight name; when the engine is not refittable
-    or TensorRT refuses the refit, ``rebuild`` re-exports the model with its LoRA fused into
-    ``<export>/lora_rebuilds/<lora sha256[:12]>-x<scale>/`` and builds engines there (reused next time)."""
+    none) is served by refitting a refittable UNet engine; when that is impossible this raises
+    :class:`RefitRefusedError` (``rebuild`` is kept for the caller's signature: the CLI catches the error,
+    leaves the ``except`` block and rebuilds with ``engines.tensorrt_build.rebuild_for_model``)."""
     from engines.base import model_lora_identity, same_lora
 
-    _trt()
+    trt = _trt()
     if engines_dir is None:
         raise BackendUnavailableError("the tensorrt backend needs an export folder with engines.", "Pass --engines DIR (made by mvz export).")
     export_dir, eng_dir = find_engine_folder(Path(engines_dir))
     dev = to_device(device)
     if dev.type != "cuda":
         raise BackendUnavailableError("the tensorrt backend runs on a CUDA device.", "Pass --device cuda.")
-    # everything but the LoRA must fit; the LoRA may be switched by refit (or a rebuild) below
+    # everything but the LoRA must fit; the LoRA may be switched by refit below
     manifest = load_checked_export(export_dir, model, num_views=num_views, height=height, width=width, batch=batch,
                                    check_lora=False)
     lora_differs = model is not None and not same_lora(manifest.lora, model_lora_identity(model))
     em = EngineManifest.load(eng_dir)
-    check_engines(em, eng_dir, dev, manifest)
+    check_engines(em, eng_dir, export_dir, manifest, environment=(trt.__version__, *gpu_identity(dev)))
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
-            "manifest": manifest.summary()}
+            "manifest": manifest.summary(), "checks": {g: e.check for g, e in em.engines.items()}}
     if lora_differs and not em.engines["unet"].refittable:
-        return _rebuilt_backend(model, export_dir, manifest, em, "the UNet engine was built for another LoRA and is "
-                                "not refittable", rebuild, num_views=num_views, height=height, width=width, batch=batch,
-                                device=device, cuda_graph=cuda_graph, release_torch=release_torch)
+        raise RefitRefusedError(f"the UNet engine in {eng_dir} was built for another LoRA and is not refittable.",
+                                "The engines are rebuilt for this LoRA (or build with mvz export --refittable).")
     stream = torch.cuda.Stream(dev)  # the backend's stream: both engines run on it, one after the other
-    unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph, stream=stream)
-    vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph, stream=stream)
-    context_memory = share_context_memory([unet, vae], dev)
-    info["context_memory_bytes"] = shared_context_bytes([unet, vae])
-    if lora_differs:
-        try:
-            info["refit"] = refit_unet_for_model(unet, export_dir, manifest, model)
-        except ManifestMismatchError as err:
-            del unet, vae, context_memory
-            return _rebuilt_backend(model, export_dir, manifest, em, err.what.rstrip("."), rebuild, num_views=num_views,
-                                    height=height, width=width, batch=batch, device=device, cuda_graph=cuda_graph,
-                                    release_torch=release_torch)
+    try:
+        unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+        vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+        context_memory = share_context_memory([unet, vae], dev)
+        info["context_memory_bytes"] = shared_context_bytes([unet, vae])
+        if lora_differs:  # before the first run: no CUDA graph holds the old weights
+            from engines.tensorrt_refit import check_refit
+
+            info["refit"] = _refit_for_model(unet, export_dir, manifest, model)
+            info["refit"]["check"] = check_refit(unet.run, model, manifest)
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceError(f"out of GPU memory loading the engines of {eng_dir}.",
+                          "Close other GPU programs, or export with fewer --views/--batch or a lower --resolution.") from None
     if release_torch and model is not None:  # the engines serve the UNet and VAE now
         model.release_unet_and_vae()
         info["torch_unet_vae"] = "moved to the CPU"
@@ -470,51 +227,16 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
                    stream=stream, keep_alive=[context_memory])
 
 
-def _rebuilt_backend(model, export_dir: Path, manifest: ExportManifest, em: EngineManifest, why: str, rebuild: bool,
-                     **request) -> Backend:
-    """Fall-back for a LoRA that cannot be switched by refit: export + build for it (cached by LoRA hash and
-    scale under the export folder), or, without ``rebuild`` or a builder, say how to do it."""
-    from engines.base import model_lora_identity
-
-    hint = "Re-export with this LoRA: mvz export --lora FILE --lora-scale S --out DIR (or build with --refittable)."
-    if not rebuild:
-        raise ManifestMismatchError(f"cannot serve this LoRA from {export_dir}: {why}.", hint)
-    reason = unavailable_reason(need_builder=True)
-    if reason:
-        raise ManifestMismatchError(f"cannot serve this LoRA from {export_dir}: {why}, and no rebuild here ({reason})", hint)
-    from export.exporter import export_model
-
-    lid = model_lora_identity(model)
-    tag = f"{lid['sha256'][:12]}-x{lid['scale']:g}" if lid else "no-lora"
-    out = export_dir / "lora_rebuilds" / tag
-    res = export_model(model, out, num_views=manifest.num_views, height=manifest.height, width=manifest.width,
-                       batch=manifest.batch, precision=manifest.precision, vae_precision=manifest.vae_precision,
-                       opset=manifest.opset, exporter=manifest.exporter, dynamic_batch=manifest.dynamic_batch)
-    build_engines(res.folder, workspace_bytes=em.workspace_bytes or (8 << 30), opt_level=em.builder_optimization_level,
-                  timing_cache=export_dir / ENGINES_SUBDIR / "timing.cache")
-    backend = create_tensorrt_backend(model, res.folder, rebuild=False, **request)
-    backend.info["rebuilt"] = {"reason": why, "folder": str(res.folder), "reused": res.reused}
-    return backend
-
-
-def refit_unet_for_model(unet: TrtEngine, export_dir: Path, manifest: ExportManifest, model) -> dict:
-    """Refit the UNet engine to the model's current LoRA (or none) by weight name; falls back to an error
-    that says to rebuild when TensorRT refuses."""
+def _refit_for_model(unet: TrtEngine, export_dir: Path, manifest, model) -> dict:
+    """All-or-nothing refit of the UNet engine to the model's current LoRA (or none)."""
     import json
 
-    from export.fuse import fused_unet
-    from export.refit_map import mapped_weights
+    from engines.tensorrt_refit import refit_unet
 
-    refit_map = json.loads((export_dir / (manifest.refit_map or "refit_map.json")).read_text())
-    dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
-    fused = fused_unet(model.unet, dtype=dtype)
-    t = time.perf_counter()
-    try:
-        weights = mapped_weights(refit_map, fused)
-    except KeyError as exc:
-        raise ManifestMismatchError(f"cannot refit the UNet engine by name ({exc}).",
-                                    "Re-export with this LoRA (mvz export --lora FILE --force).") from None
-    if not unet.refit_named(weights, base_onnx=export_dir / manifest.graphs["unet"].file):
-        raise ManifestMismatchError("TensorRT refused the refit for this LoRA.",
-                                    "Re-export with this LoRA and rebuild (mvz export --lora FILE --force).")
-    return {"weights": len(weights), "seconds": time.perf_counter() - t}
+    path = export_dir / (manifest.refit_map or "refit_map.json")
+    if not path.is_file():
+        raise RefitRefusedError(f"the export {export_dir} has no refit map ({path.name}).",
+                                "The engines are rebuilt for this LoRA (re-export to get a refit map).")
+    refit_map = json.loads(path.read_text())
+    return refit_unet(unet.engine, unet.trt, unet.logger, refit_map, model, manifest.lora is not None,
+                      export_dir / manifest.graphs["unet"].file)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def export_model(
     force: bool = False,
     on_stage: StageCallback | None = None,
     vae_views: int | None = None,
+    offload: bool = False,
 ) -> ExportResult:
     """Export ``model`` (a loaded MultiviewModel, left unchanged) with an optional LoRA fused in.
 
@@ -155,8 +157,13 @@ def export_model(
     ``mvz.pipeline.DEFAULT_VAE_VIEWS_PER_CALL``, at most batch x views): the decoder backends decode in chunks of
     that many, which bounds the VAE's activation memory. Static shapes unless ``dynamic_batch``. Returns the folder and its
     manifest; ``reused`` when OUT already held exactly this export (nothing rewritten; ``force`` redoes it).
+
+    Memory: a LoRA file is fused into the model's own UNet weights in place and restored bit for bit
+    afterwards (no second UNet on the device). ``offload`` (the CLI, which owns the model) moves each torch
+    module to the CPU and frees the device cache once its graph is traced, before ONNX Runtime parity, so
+    the graph and the torch module are never both on the GPU, and the GPU is free for engine builds; the
+    model is left on the CPU.
     """
-    from export.fuse import fused_unet
     from export.onnx_export import export_graph, graph_io
     from export.parity import check_graph_parity
     from export.refit_map import REFIT_MAP_NAME, build_refit_map
@@ -206,32 +213,28 @@ def export_model(
 
     try:
         with atomic_dir(out) as tmp:
-            # ---- fuse ------------------------------------------------------------------------------
+            # ---- fuse + UNet -----------------------------------------------------------------------
             t = time.perf_counter()
             _stage(on_stage, "fuse", "start", lora=str(lora or model.info.lora or ""))
-            needs_copy = lora is not None or bool(getattr(model.unet, "peft_config", None)) or model.dtype != unet_dtype
-            unet = fused_unet(model.unet, lora, lora_scale, dtype=unet_dtype) if needs_copy else model.unet
-            timings["fuse_s"] = time.perf_counter() - t
-            _stage(on_stage, "fuse", "done", seconds=timings["fuse_s"])
-
-            # ---- UNet ------------------------------------------------------------------------------
-            wrapper = UNetWrapper(unet, num_views, height // f, width // f).eval()
-            args = unet_example_inputs(model, unet_dtype, rows, height, width, device=device)
-            graphs["unet"] = _export_one(
-                "unet", wrapper, args, tmp, UNET_INPUTS, UNET_OUTPUTS, precision, opset, exporter, dynamic_batch,
-                [n for n in UNET_INPUTS if n != "timestep"], external_data, parity, on_stage, timings,
-                export_graph, graph_io, check_graph_parity, device,
-            )
-            t = time.perf_counter()
-            _stage(on_stage, "refit map", "start")
-            refit = build_refit_map(tmp / "unet.onnx", unet)
-            write_json(tmp / REFIT_MAP_NAME, refit)
-            timings["refit_map_s"] = time.perf_counter() - t
-            _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
-                   shared=len(refit["shared"]), seconds=timings["refit_map_s"])
-            del wrapper, args
-            if unet is not model.unet:
-                del unet
+            with _unet_to_export(model, lora, lora_scale, unet_dtype) as unet:
+                timings["fuse_s"] = time.perf_counter() - t
+                _stage(on_stage, "fuse", "done", seconds=timings["fuse_s"])
+                wrapper = UNetWrapper(unet, num_views, height // f, width // f).eval()
+                args = unet_example_inputs(model, unet_dtype, rows, height, width, device=device)
+                graphs["unet"] = _export_one(
+                    "unet", wrapper, args, tmp, UNET_INPUTS, UNET_OUTPUTS, precision, opset, exporter, dynamic_batch,
+                    [n for n in UNET_INPUTS if n != "timestep"], external_data, parity, on_stage, timings,
+                    export_graph, graph_io, check_graph_parity, device, offload=offload,
+                )
+                del wrapper, args
+                t = time.perf_counter()
+                _stage(on_stage, "refit map", "start")
+                refit = build_refit_map(tmp / "unet.onnx", unet)
+                write_json(tmp / REFIT_MAP_NAME, refit)
+                timings["refit_map_s"] = time.perf_counter() - t
+                _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
+                       shared=len(refit["shared"]), seconds=timings["refit_map_s"])
+            del unet
 
             # ---- VAE decoder -----------------------------------------------------------------------
             vae = model.vae
@@ -242,9 +245,9 @@ def export_model(
             graphs["vae_decoder"] = _export_one(
                 "vae_decoder", vwrap, vargs, tmp, VAE_INPUTS, VAE_OUTPUTS, vae_precision, opset, exporter,
                 dynamic_batch, list(VAE_INPUTS), external_data, parity, on_stage, timings,
-                export_graph, graph_io, check_graph_parity, device,
+                export_graph, graph_io, check_graph_parity, device, offload=offload,
             )
-            del vwrap, vae
+            del vwrap, vae, vargs
 
             # ---- text encoders (optional) ----------------------------------------------------------
             if text_encoders:
@@ -258,7 +261,7 @@ def export_model(
                     graphs[name] = _export_one(
                         name, _FirstOutput(tw), (ids.to(device),), tmp, ("input_ids",), outs, te_prec, opset, exporter,
                         dynamic_batch, ["input_ids"], external_data, parity, on_stage, timings,
-                        export_graph, graph_io, check_graph_parity, device, full_module=tw,
+                        export_graph, graph_io, check_graph_parity, device, full_module=tw, offload=offload,
                     )
 
             manifest = ExportManifest(
@@ -291,16 +294,47 @@ class _FirstOutput(torch.nn.Module):
         return self.module(*args)[0]
 
 
+@contextmanager
+def _unet_to_export(model, lora, lora_scale: float, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The UNet to trace: the model's own, with a LoRA file fused in place (restored exactly afterwards);
+    a copy only for a UNet that carries PEFT layers or is in another dtype than the export's."""
+    from export.fuse import fused_unet, lora_fused_in_place
+
+    if bool(getattr(model.unet, "peft_config", None)) or model.dtype != dtype:
+        yield fused_unet(model.unet, lora, lora_scale, dtype=dtype)
+    elif lora is not None:
+        with lora_fused_in_place(model.unet, lora, lora_scale) as unet:
+            yield unet
+    else:
+        yield model.unet
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Move a traced torch module off the GPU and return the freed blocks (before ORT parity, engine builds)."""
+    import gc
+
+    if any(p.is_cuda for p in module.parameters()):
+        module.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _export_one(name, module, args, folder, input_names, output_names, precision, opset, exporter, dynamic_batch,
                 batch_inputs, external_data, parity, on_stage, timings, export_graph, graph_io, check_graph_parity,
-                device, full_module=None) -> GraphEntry:
+                device, full_module=None, offload: bool = False) -> GraphEntry:
     path = folder / f"{name}.onnx"
+    reference = None
+    if parity:  # the torch side of parity first, so the module can leave the GPU before ONNX Runtime loads
+        with torch.inference_mode():
+            reference = module(*args).detach().float().cpu().numpy()
     t = time.perf_counter()
     _stage(on_stage, f"{name}: export", "start", precision=precision, opset=opset, exporter=exporter)
     saved = export_graph(full_module or module, args, path, input_names, output_names, opset=opset, exporter=exporter,
                          dynamic_batch=dynamic_batch, batch_inputs=batch_inputs, external_data=external_data)
     timings[f"{name}_export_s"] = time.perf_counter() - t
     _stage(on_stage, f"{name}: export", "done", bytes=saved.bytes, nodes=saved.num_nodes, seconds=timings[f"{name}_export_s"])
+    if offload:
+        _release(full_module or module)
     figures: dict[str, Any] = {"status": "skipped", "reason": "parity check disabled"}
     if parity:
         t = time.perf_counter()
@@ -310,12 +344,15 @@ def _export_one(name, module, args, folder, input_names, output_names, precision
             import onnxruntime as ort
 
             providers = [p for p in providers if p in ort.get_available_providers()]
-        figures = check_graph_parity(path, module, args, input_names, precision, providers=providers, label=name)
+        figures = check_graph_parity(path, module, args, input_names, precision, providers=providers, label=name,
+                                     reference=reference)
         timings[f"{name}_parity_s"] = time.perf_counter() - t
         _stage(on_stage, f"{name}: parity", "done", seconds=timings[f"{name}_parity_s"], **figures)
     inputs, outputs = graph_io(path)
+    data = saved.external_data
     return GraphEntry(
-        file=path.name, external_data=saved.external_data.name if saved.external_data else None,
+        file=path.name, external_data=data.name if data else None,
         sha256=sha256_file(path), bytes=saved.bytes, inputs=[TensorSpec(**i) for i in inputs],
         outputs=[TensorSpec(**o) for o in outputs], precision=precision, parity=figures,
+        external_data_sha256=sha256_file(data) if data else None,
     )

@@ -7,13 +7,17 @@ Two sources:
 * a UNet that already carries PEFT LoRA layers (``load_model(..., lora=...)``): merged with PEFT's own
   ``merge()`` and unwrapped to plain ``nn.Linear`` layers.
 
-The caller's UNet is never modified: fusion works on a deep copy (its MV processors share one copied
-``MVSettings``).
+Three ways to apply it: :func:`fused_unet` on a deep copy (its MV processors share one copied
+``MVSettings``); :func:`lora_fused_in_place` in the UNet's own weights for the duration of a block, restored
+bit for bit afterwards (the export: never a second UNet on the GPU); :func:`fused_weight` one weight at a
+time from attached PEFT layers (the refit: nothing copied).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,8 +39,8 @@ def lora_target_modules(unet: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """``{'<module>.weight': scale · (alpha/r) · B @ A}`` in float32, checked strictly against the UNet."""
+def _checked_lora(unet: nn.Module, lora_path: str | Path, scale: float):
+    """(sorted target modules, module -> float32 delta) for a LoRA file checked strictly against the UNet."""
     sd, rank, alpha = read_lora_file(lora_path)
     alpha = float(rank if alpha is None else alpha)
     targets = lora_target_modules(unet)
@@ -51,10 +55,20 @@ def lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> d
             "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).",
         )
     factor = float(scale) * alpha / rank
-    return {
-        f"{m}.weight": factor * (sd[f"{m}.lora_B.weight"].float() @ sd[f"{m}.lora_A.weight"].float())
-        for m in sorted(targets)
-    }
+    return sorted(targets), lambda m: factor * (sd[f"{m}.lora_B.weight"].float() @ sd[f"{m}.lora_A.weight"].float())
+
+
+def iter_lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
+    """``('<module>.weight', delta)`` one target at a time (the file is checked first, as a whole), so fusing
+    a full-size UNet never holds every float32 delta at once."""
+    modules, delta = _checked_lora(unet, lora_path, scale)
+    for m in modules:
+        yield f"{m}.weight", delta(m)
+
+
+def lora_deltas(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``{'<module>.weight': scale · (alpha/r) · B @ A}`` in float32, checked strictly against the UNet."""
+    return dict(iter_lora_deltas(unet, lora_path, scale))
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -98,16 +112,35 @@ def fused_unet(
         merge_peft_layers(work)
         work.to(orig)
     if lora_path is not None:
-        deltas = lora_deltas(work, lora_path, scale)
         params = dict(work.named_parameters())
         with torch.no_grad():
-            for name, delta in deltas.items():
+            for name, delta in iter_lora_deltas(work, lora_path, scale):
                 p = params[name]
                 p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
     if dtype is not None:
         work.to(dtype)
     work.eval().requires_grad_(False)
     return work
+
+
+@contextmanager
+def lora_fused_in_place(unet: nn.Module, lora_path: str | Path, scale: float = 1.0) -> Iterator[nn.Module]:
+    """``unet`` with a LoRA file fused into its own weights for the duration of the block, then restored
+    bit for bit from host copies of the original target weights (never a second UNet on the device; the
+    host holds only the target weights). One target weight is fused at a time, in float32."""
+    params = dict(unet.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, delta in iter_lora_deltas(unet, lora_path, scale):
+                p = params[name]
+                saved[name] = p.detach().to("cpu", copy=True)
+                p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
+        yield unet
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original)
 
 
 def changed_weights(base: nn.Module, fused: nn.Module, atol: float = 0.0) -> list[str]:
@@ -119,3 +152,35 @@ def changed_weights(base: nn.Module, fused: nn.Module, atol: float = 0.0) -> lis
         if q is None or q.shape != p.shape or not torch.allclose(q.float(), p.float(), atol=atol, rtol=0):
             out.append(name)
     return sorted(out)
+
+
+# ---- per-weight fusion (refit: no second UNet, one weight at a time) ---------------------------------
+def peft_lora_modules(unet: nn.Module) -> list[str]:
+    """Module paths of every PEFT LoRA layer attached to ``unet`` (the weights its LoRA changes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer))
+
+
+def fused_weight(unet: nn.Module, module_path: str) -> torch.Tensor:
+    """The weight of ``module_path`` with the active LoRA adapters of its PEFT layer fused in, in float32
+    (``W + sum_a scaling_a · B_a @ A_a``, scaling = scale · alpha / r); the plain weight for a module without
+    LoRA. Nothing is modified and only this one weight is materialised."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = unet.get_submodule(module_path)
+    if not isinstance(layer, BaseTunerLayer):
+        return layer.weight.detach().float()
+    if layer.merged:
+        raise ValueError(f"LoRA layer {module_path} is merged already; its base weight is not the base model's")
+    base = layer.get_base_layer().weight.detach().float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        if getattr(layer, "use_dora", {}).get(adapter):
+            raise ValueError(f"LoRA layer {module_path} uses DoRA, which refit by weight does not support")
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        base = base + float(layer.scaling[adapter]) * delta.to(base.device)
+    return base

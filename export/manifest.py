@@ -3,6 +3,11 @@
 A consumer (``engines``, ``mvz generate --backend``) reads the manifest first and refuses an export that was
 made for another model, LoRA (file hash and scale), number of views, resolution, batch or precision, with a
 message that says how to re-export.
+
+Integrity: every file that carries weights (``.onnx`` and its external ``.onnx.data``) is recorded with its
+full, streamed sha256 and checked at load, so a data file swapped in from another export (another LoRA) is
+refused. The manifest carries a digest of its own content (``content_sha256``), so an edited hash is caught;
+the engine manifest records the sha256 of this file, so engines never serve another export's weights.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from mvz.errors import CheckpointError, ManifestMismatchError, ModelNotFoundErro
 
 MANIFEST_NAME = "mvz_export.json"
 FORMAT = "mvz-export"
-FORMAT_VERSION = 1
-QUICK_HASH_CHUNK = 4 << 20  # files above 2 chunks are fingerprinted by size + head + tail
+FORMAT_VERSION = 2  # 2: full sha256 of external data files + content digest
+HASH_CACHE_NAME = "file_hashes.json"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    """Full sha256 of a file, streamed (constant memory for multi-GB weight files)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -31,19 +37,37 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def quick_file_hash(path: str | Path) -> str:
-    """sha256 of (size, first 4 MiB, last 4 MiB): cheap enough for multi-GB weights, strong enough to tell
-    checkpoints apart. Small files are hashed whole."""
+def _file_key(path: Path) -> str:
+    st = path.stat()  # ctime changes on any write or metadata change and cannot be set back by the user
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def cached_sha256(path: str | Path) -> str:
+    """Full sha256 of a source weight file, remembered in ``$MVZ_HOME/file_hashes.json`` by (path, size,
+    mtime, ctime, inode) so multi-GB model files are read once, not on every command."""
+    import json
+
+    from mvz.paths import mvz_home
+
     path = Path(path)
-    size = path.stat().st_size
-    if size <= 2 * QUICK_HASH_CHUNK:
-        return sha256_file(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(QUICK_HASH_CHUNK))
-        fh.seek(size - QUICK_HASH_CHUNK)
-        h.update(fh.read(QUICK_HASH_CHUNK))
-    return h.hexdigest()
+    key = _file_key(path)
+    cache_path = mvz_home() / HASH_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = sha256_file(path)
+    cache[key] = digest
+    try:
+        from mvz.atomic import write_json
+
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path, cache)
+    except OSError:  # a read-only home only costs the re-hash next time
+        pass
+    return digest
 
 
 def model_fingerprint(model) -> str:
@@ -66,7 +90,7 @@ def model_fingerprint(model) -> str:
     if files and not info.random_weights:
         for f in files:
             h.update(f.name.encode())
-            h.update(quick_file_hash(f).encode())
+            h.update(cached_sha256(f).encode())
     else:
         import torch
 
@@ -109,20 +133,30 @@ class TensorSpec:
 class GraphEntry:
     file: str
     external_data: str | None
-    sha256: str  # of the .onnx protobuf (the external data file is checked by size)
+    sha256: str  # full sha256 of the .onnx protobuf
     bytes: int  # graph + external data
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     precision: str
     parity: dict[str, Any] = field(default_factory=dict)
+    external_data_sha256: str | None = None  # full sha256 of the external data file
 
     @classmethod
     def from_dict(cls, d: dict) -> GraphEntry:
+        if d.get("external_data") and not d.get("external_data_sha256"):
+            raise ValueError(f"graph {d['file']} has external data without a hash")
         return cls(
             d["file"], d.get("external_data"), d["sha256"], int(d["bytes"]),
             [TensorSpec.from_dict(t) for t in d["inputs"]], [TensorSpec.from_dict(t) for t in d["outputs"]],
-            d["precision"], dict(d.get("parity", {})),
+            d["precision"], dict(d.get("parity", {})), d.get("external_data_sha256"),
         )
+
+    def weight_files(self) -> list[tuple[str, str]]:
+        """(file name, sha256) of every file that carries this graph's weights."""
+        files = [(self.file, self.sha256)]
+        if self.external_data:
+            files.append((self.external_data, str(self.external_data_sha256)))
+        return files
 
 
 @dataclass
@@ -147,7 +181,9 @@ class ExportManifest:
 
     # ---- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["content_sha256"] = content_digest(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ExportManifest:
@@ -200,6 +236,10 @@ def read_manifest(folder: str | Path) -> ExportManifest:
             raise ValueError(f"format {data.get('format')!r}")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"format version {data.get('format_version')} is newer than this mvz")
+        if int(data.get("format_version", 0)) < FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('format_version')} predates full weight hashes")
+        if data.get("content_sha256") != content_digest(data):
+            raise ValueError("its content does not match its digest: it was edited by hand")
         manifest = ExportManifest.from_dict(data)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
@@ -208,23 +248,35 @@ def read_manifest(folder: str | Path) -> ExportManifest:
     return manifest
 
 
-def verify_graph_files(folder: str | Path, manifest: ExportManifest, names: list[str] | None = None, deep: bool = False) -> None:
-    """Every graph file the manifest names exists with the recorded size (and hash if ``deep``)."""
+def content_digest(d: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its own ``content_sha256`` field."""
+    body = {k: v for k, v in d.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def manifest_sha256(folder: str | Path) -> str:
+    """sha256 of an export folder's manifest file: what an engine manifest records as its source."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
+
+
+def verify_graph_files(folder: str | Path, manifest: ExportManifest, names: list[str] | None = None) -> None:
+    """Every file that carries the named graphs' weights exists with the recorded size and full sha256."""
     folder = Path(folder)
     for name in names or list(manifest.graphs):
         if name not in manifest.graphs:
             raise ManifestMismatchError(f"export {folder} has no {name} graph.", manifest.reexport_hint(folder))
         g = manifest.graphs[name]
-        onnx_path = folder / g.file
-        files = [onnx_path] + ([folder / g.external_data] if g.external_data else [])
-        missing = [str(f) for f in files if not f.is_file()]
+        files = [(folder / f, sha) for f, sha in g.weight_files()]
+        missing = [str(f) for f, _ in files if not f.is_file()]
         if missing:
             raise ModelNotFoundError(f"export {folder} is incomplete: {', '.join(missing)} missing.", manifest.reexport_hint(folder))
-        size = sum(f.stat().st_size for f in files)
-        if size != g.bytes or (deep and sha256_file(onnx_path) != g.sha256):
-            raise CheckpointError(
-                f"{onnx_path} does not match its manifest (truncated or modified).", manifest.reexport_hint(folder)
-            )
+        if sum(f.stat().st_size for f, _ in files) != g.bytes:
+            raise CheckpointError(f"the {name} graph files in {folder} do not have the size its manifest records "
+                                  "(truncated or replaced).", manifest.reexport_hint(folder))
+        for f, sha in files:
+            if sha256_file(f) != sha:
+                raise CheckpointError(f"{f} does not match its export manifest (a file of another export, e.g. "
+                                      "with another LoRA, or modified).", manifest.reexport_hint(folder))
 
 
 def check_request(

@@ -78,14 +78,17 @@ def check_graph_parity(
     providers: Sequence[str] | None = None,
     raise_on_fail: bool = True,
     label: str = "graph",
+    reference: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Run ``module(*args)`` and the graph on the same inputs; return the figures (``status``: pass,
-    fail or skipped with a reason when ORT lacks kernels for this precision on these providers)."""
-    import torch
+    """Run ``module(*args)`` (unless its output is given as ``reference``, computed before the module left
+    the GPU) and the graph on the same inputs; return the figures (``status``: pass, fail or skipped with a
+    reason when ORT lacks kernels for this precision on these providers)."""
+    if reference is None:
+        import torch
 
-    with torch.inference_mode():
-        ref = module(*args)
-    ref_np = ref.detach().float().cpu().numpy()
+        with torch.inference_mode():
+            reference = module(*args).detach().float().cpu().numpy()
+    ref_np = reference
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args, strict=True)}
     try:
         out = run_onnx(path, feeds, providers)[0]

@@ -194,7 +194,7 @@ def test_manifest_round_trips_and_mismatches_are_refused(model, base_export, tmp
                 {"lora": {"path": "x.safetensors", "sha256": "0" * 64, "scale": 1.0}}):
         with pytest.raises(ManifestMismatchError, match="mvz export"):
             check_request(m, **bad)
-    verify_graph_files(base_export.folder, m, deep=True)
+    verify_graph_files(base_export.folder, m)
     # a copy with a truncated graph, a corrupt manifest, a missing folder
     broken = tmp_path / "broken"
     shutil.copytree(base_export.folder, broken)

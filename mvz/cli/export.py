@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         skip_parity: bool = typer.Option(False, "--skip-parity", help="Skip the ONNX Runtime vs PyTorch parity check."),
         device: str = typer.Option("auto", "--device", help="Device to trace on: auto, cpu, cuda, cuda:N."),
         force: bool = typer.Option(False, "--force", help="Replace whatever OUT holds."),
+        memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check",
+                                          help="Refuse early when the GPU has less free memory than the plan needs."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
     ) -> None:
         """Fuse a LoRA, export the UNet and VAE decoder to ONNX (manifest + parity), build TensorRT engines."""
@@ -39,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
 def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views, resolution, batch, dynamic_batch,
                onnx_only, refittable, timing_cache, workspace_gb, opt_level, opset, exporter, text_encoders,
-               skip_parity, device, force, json_out) -> None:
+               skip_parity, device, force, json_out, memory_check=True) -> None:
     import json
     import sys
     import time
@@ -71,6 +73,9 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
     with console.status("loading model...") as status:
         mv = load_model(model, device=dev, dtype=dtype)
         resolution = resolution or mv.info.default_resolution
+        _memory_plan(console, mv, dev, views=views, batch=batch, resolution=resolution, precision=precision,
+                     vae_precision=vae_precision, workspace_gb=workspace_gb, build=not onnx_only,
+                     parity=not skip_parity, text_encoders=text_encoders, check=memory_check)
 
         def on_stage(stage: str, event: str, info: dict) -> None:
             if event == "start":
@@ -87,25 +92,30 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
             elif event == "skip":
                 console.print(f"[yellow]skip[/] {stage}: {info.get('reason', '')}")
                 stages.append((stage, "skip", None))
+            elif event == "note":
+                console.print(f"[cyan]note[/] {info.get('message', '')}")
 
         result = export_model(
             mv, out, lora=lora, lora_scale=lora_scale, num_views=views, height=resolution, width=resolution,
             batch=batch, precision=precision, vae_precision=vae_precision, opset=opset, exporter=exporter,
             dynamic_batch=dynamic_batch, parity=not skip_parity, text_encoders=text_encoders, force=force,
-            on_stage=on_stage,
+            on_stage=on_stage, offload=True,
         )
+        del mv  # the torch model (already off the GPU: offload) is not needed for the engine builds
 
         engines_note = None
         engine_manifest = None
         if onnx_only:
             engines_note = "skipped (--onnx-only)"
         else:
-            from engines.tensorrt_backend import build_engines, unavailable_reason
+            from engines.tensorrt_backend import unavailable_reason
+            from engines.tensorrt_build import build_engines, free_device_memory
 
             reason = unavailable_reason(need_builder=True)
             if reason:
                 engines_note = f"not built: {reason} The ONNX export is complete and runs with --backend onnxruntime."
             else:
+                free_device_memory()
                 engine_manifest = build_engines(
                     result.folder, workspace_bytes=int(workspace_gb * (1 << 30)), opt_level=opt_level,
                     refittable=refittable, timing_cache=timing_cache, force=force, on_stage=on_stage,
@@ -137,6 +147,35 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
         payload = {"folder": str(result.folder), "reused": result.reused, "manifest": summary,
                    "parity": {k: g.parity for k, g in m.graphs.items()}, "engines": engines_note or "built"}
         typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def _memory_plan(console, mv, dev, *, views, batch, resolution, precision, vae_precision, workspace_gb, build, parity,
+                 text_encoders, check) -> None:
+    """Print the export's memory plan (per stage); on a GPU, refuse early when it does not fit."""
+    from export.exporter import vae_fp16_safe
+    from export.memory_plan import GiB, check_fits, export_plan, model_plan_request
+
+    if dev.type != "cuda":
+        return
+    import torch
+
+    if not text_encoders:  # not exported: off the GPU for the whole export
+        for enc in (mv.text_encoder, mv.text_encoder_2):
+            if enc is not None:
+                enc.to("cpu")
+    vae_prec = vae_precision or ("fp16" if precision == "fp16" and vae_fp16_safe(mv) else "fp32")
+    plan = export_plan(model_plan_request(mv, views=views, batch=batch, height=resolution, width=resolution,
+                                          precision=precision, vae_precision=vae_prec,
+                                          workspace_bytes=int(workspace_gb * GiB), build_engines=build, parity=parity))
+    for s in plan.stages:
+        console.print(f"[dim]plan[/] {s.name:<28} weights {s.weights / GiB:5.1f}  activations {s.activations / GiB:5.1f}"
+                      f"  workspace {s.workspace / GiB:4.1f}  total {s.total / GiB:5.1f} GiB")
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(dev)
+    available = free + torch.cuda.memory_allocated(dev)  # the model already loaded counts as ours
+    console.print(f"[dim]plan[/] peak {plan.peak.total / GiB:.1f} GiB ({plan.peak.name}); {available / GiB:.1f} GiB available")
+    if check:
+        check_fits(plan, available, device=torch.cuda.get_device_name(dev))
 
 
 def _fmt(figures: dict, key: str, spec: str) -> str:

@@ -96,6 +96,26 @@ def _check_request(req: GenerateRequest) -> list[str]:
     return prompts
 
 
+def _create_backend_or_rebuild(create_backend, req: GenerateRequest, model, num_views: int, res: int, device, console):
+    """The backend; for TensorRT engines whose LoRA cannot be switched by refit, the CLI (never the runtime)
+    rebuilds: after the ``except`` block, so the failed refit's engine and refitter are released first."""
+    from export.refit_map import RefitRefusedError
+
+    kwargs = {"num_views": num_views, "height": res, "width": res, "batch": req.batch_size, "device": device}
+    why = None
+    try:
+        return create_backend(req.backend, model, engines_dir=req.engines, **kwargs)
+    except RefitRefusedError as err:
+        why = err.what
+    from engines.tensorrt_build import free_device_memory, rebuild_for_model
+    from engines.tensorrt_manifest import find_engine_folder
+
+    free_device_memory()
+    console.print(f"[yellow]rebuilding TensorRT engines[/yellow]: {why}")
+    folder = rebuild_for_model(model, find_engine_folder(Path(req.engines))[0], why)
+    return create_backend(req.backend, model, engines_dir=folder, **kwargs)
+
+
 def run_generate(req: GenerateRequest) -> list[Path]:
     import torch
     from rich.console import Console
@@ -143,10 +163,7 @@ def run_generate(req: GenerateRequest) -> list[Path]:
     else:
         from engines import create_backend
 
-        backend = create_backend(
-            req.backend, model, engines_dir=req.engines, num_views=cameras.num_views, height=res, width=res,
-            batch=req.batch_size, device=device,
-        )
+        backend = _create_backend_or_rebuild(create_backend, req, model, cameras.num_views, res, device, console)
         pipe = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder, num_views=cameras.num_views)
         backend_info = {"name": backend.name, **dict(backend.info)}
 

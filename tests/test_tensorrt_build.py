@@ -1,0 +1,186 @@
+"""The TensorRT build half up to the engine boundary: Polygraphy's lazy loader chain (constructed without
+TensorRT, inspected), per-weight refit marking, the timing-cache fall-back, the numeric check (ONNX Runtime
+runners stand in for the engine), and that a failing engine is not kept."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("polygraphy")
+pytest.importorskip("onnxruntime")
+
+from engines import tensorrt_build as tb  # noqa: E402
+from export.manifest import ExportManifest, GraphEntry, TensorSpec  # noqa: E402
+
+FAKE_TRT = SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+                           BuilderFlag=SimpleNamespace(REFIT_INDIVIDUAL="REFIT_INDIVIDUAL"), __version__="10.0.0")
+
+
+def _manifest(dynamic: bool = False) -> ExportManifest:
+    rows = "batch" if dynamic else 4
+    spec = [TensorSpec("x", [rows, 3], "float32")]
+    g = GraphEntry("g.onnx", None, "0" * 64, 1, spec, [TensorSpec("y", [rows, 3], "float32")], "fp32")
+    return ExportManifest(model={"name": "t"}, lora=None, num_views=2, height=8, width=8, batch=2, dynamic_batch=dynamic,
+                          precision="fp32", vae_precision="fp32", opset=19, exporter="torchscript",
+                          graphs={"unet": g, "vae_decoder": g}, refit_map="refit_map.json")
+
+
+def _scale_graph(path, factor: float) -> None:
+    """y = x * w, w an initializer (a real ONNX file for ONNX Runtime)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((3,), factor, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def test_loader_chain_is_configured_as_intended(tmp_path):
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        NetworkFromOnnxPath,
+        PostprocessConfig,
+    )
+
+    (tmp_path / "refit_map.json").write_text(json.dumps({"weights": {"a.weight": {"onnx": "onnx::MatMul_1"},
+                                                                     "b.weight": {"onnx": "onnx::MatMul_2"}}}))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"cache")
+    m = _manifest()
+    spec = tb.build_spec(tmp_path, m, "unet", refit="individual", workspace_bytes=3 << 30, opt_level=4, timing_cache=cache)
+    assert spec.profile == {"x": [[4, 3], [4, 3], [4, 3]]} and spec.refit_weights == ["onnx::MatMul_1", "onnx::MatMul_2"]
+    network, config, engine = tb.engine_loaders(spec, workspace_pool="WORKSPACE", refit_individual_flag="FLAG")
+    assert isinstance(network, NetworkFromOnnxPath) and network.path == str(tmp_path / "g.onnx") and network.strongly_typed
+    assert isinstance(config, PostprocessConfig)  # REFIT_INDIVIDUAL + marks on top of CreateConfig
+    base = config._config
+    assert isinstance(base, CreateConfig) and base.refittable is False
+    prof = base.profiles[0]["x"]
+    assert (prof.min, prof.opt, prof.max) == ((4, 3), (4, 3), (4, 3))
+    assert base.memory_pool_limits == {"WORKSPACE": 3 << 30} and base.builder_optimization_level == 4
+    assert base.timing_cache_path == str(cache)
+    assert isinstance(engine, EngineBytesFromNetwork) and engine.timing_cache_path == str(cache)
+    # whole-engine refit (older TensorRT) and none: plain CreateConfig; the VAE is never refittable
+    spec_all = tb.build_spec(tmp_path, m, "unet", refit="all", workspace_bytes=1, opt_level=3, timing_cache=None)
+    _, cfg_all, eng_all = tb.engine_loaders(spec_all, workspace_pool="WORKSPACE")
+    assert isinstance(cfg_all, CreateConfig) and cfg_all.refittable and cfg_all.timing_cache_path is None
+    assert eng_all.timing_cache_path is None
+    assert tb.build_spec(tmp_path, m, "vae_decoder", refit="individual", workspace_bytes=1, opt_level=3,
+                         timing_cache=None).refit == "none"
+    # a dynamic batch spans one prompt to the exported batch
+    assert tb.build_spec(tmp_path, _manifest(dynamic=True), "vae_decoder", refit="none", workspace_bytes=1, opt_level=3,
+                         timing_cache=None).profile == {"x": [[2, 3], [4, 3], [4, 3]]}
+
+
+def test_refit_individual_marks_exactly_the_lora_weights():
+    marked, flags = [], []
+    network = SimpleNamespace(mark_weights_refittable=lambda n: marked.append(n) or n != "missing")
+    config = SimpleNamespace(set_flag=flags.append)
+    tb._mark_refittable(["w1", "w2"], "FLAG")(None, network, config)
+    assert marked == ["w1", "w2"] and flags == ["FLAG"]
+    with pytest.raises(tb.EngineBuildError, match="no weights named missing"):
+        tb._mark_refittable(["w1", "missing"], "FLAG")(None, network, config)
+    new = SimpleNamespace(BuilderFlag=SimpleNamespace(REFIT_INDIVIDUAL=1),
+                          INetworkDefinition=SimpleNamespace(mark_weights_refittable=None))
+    old = SimpleNamespace(BuilderFlag=SimpleNamespace(REFIT=1), INetworkDefinition=SimpleNamespace())
+    assert (tb.refit_mode(True, new), tb.refit_mode(True, old), tb.refit_mode(False, new)) == ("individual", "all", "none")
+
+
+class _FakeBuilderConfig:
+    def __init__(self, accept):
+        self.accept = accept
+
+    def create_timing_cache(self, data):
+        if self.accept is None:
+            raise RuntimeError("not a timing cache")
+        return object()
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        return self.accept
+
+
+class _Logger:
+    ERROR = 0
+
+    def __init__(self, level):
+        self.level = level
+
+
+def _fake_trt(accept):
+    cfg = _FakeBuilderConfig(accept)
+    return SimpleNamespace(Logger=_Logger, __version__="10.0.0",
+                           Builder=lambda logger: SimpleNamespace(create_builder_config=lambda: cfg))
+
+
+@pytest.mark.parametrize("accept", [False, None])  # set_timing_cache refuses it / the bytes are not a cache
+def test_rejected_timing_cache_is_set_aside_with_one_line(tmp_path, accept):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    said = []
+    assert tb.usable_timing_cache(cache, _fake_trt(accept), said.append) == cache
+    assert not cache.exists() and (tmp_path / "timing.cache.rejected").read_bytes() == b"from another GPU"
+    assert len(said) == 1 and "fresh cache" in said[0] and "\n" not in said[0]
+    # an accepted cache stays where it is, silently
+    cache.write_bytes(b"good")
+    said.clear()
+    assert tb.usable_timing_cache(cache, _fake_trt(True), said.append) == cache and cache.read_bytes() == b"good"
+    assert not said
+
+
+def test_numeric_check_passes_the_same_graph_and_fails_a_wrong_or_nan_one(tmp_path):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    ref = tmp_path / "ref.onnx"
+    _scale_graph(ref, 1.5)
+    feeds = tb.check_inputs(_manifest(), "unet")
+    assert feeds["x"].shape == (4, 3) and np.array_equal(feeds["x"], tb.check_inputs(_manifest(), "unet")["x"])
+    same = tb.compare_with_onnxruntime(OnnxrtRunner(SessionFromOnnx(str(ref)), name="engine"), ref, feeds, "fp32")
+    assert same["passed"] and same["finite"] and same["max_abs_err"] == 0.0
+    for factor, finite in ((1.6, True), (float("nan"), False)):
+        bad = tmp_path / f"bad{factor}.onnx"
+        _scale_graph(bad, factor)
+        r = tb.compare_with_onnxruntime(OnnxrtRunner(SessionFromOnnx(str(bad)), name="engine"), ref, feeds, "fp32")
+        assert not r["passed"] and r["finite"] is finite
+
+
+def test_a_failing_engine_is_not_kept(tmp_path, monkeypatch):
+    onnx_path = tmp_path / "g.onnx"
+    _scale_graph(onnx_path, 1.0)
+    spec = tb.BuildSpec(onnx=onnx_path, profile={"x": [[4, 3]] * 3}, precision="fp32")
+    monkeypatch.setattr(tb, "engine_loaders", lambda spec, **kw: (None, None, lambda: b"plan bytes"))
+    monkeypatch.setattr("polygraphy.backend.trt.TrtRunner", lambda engine, name=None: "runner")
+    verdict = {"passed": False, "finite": False, "median_rel_err": float("nan"), "cosine": 0.0}
+    monkeypatch.setattr(tb, "compare_with_onnxruntime", lambda *a, **k: dict(verdict))
+    plan = tmp_path / "g.plan"
+    with pytest.raises(tb.EngineBuildError, match="does not match ONNX Runtime.*not kept"):
+        tb.build_one(spec, plan, _manifest(), "unet", FAKE_TRT, print)
+    assert not plan.exists() and not list(tmp_path.glob("*.plan*"))
+    verdict.update(passed=True, finite=True, median_rel_err=0.0, cosine=1.0)
+    entry = tb.build_one(spec, plan, _manifest(), "unet", FAKE_TRT, lambda msg: None)
+    assert plan.read_bytes() == b"plan bytes" and entry.check["passed"] and entry.bytes == len(b"plan bytes")
+
+
+def test_a_failed_build_is_one_line_with_what_to_do(tmp_path, monkeypatch):
+    spec = tb.BuildSpec(onnx=tmp_path / "g.onnx", profile={}, precision="fp16")
+
+    def fail(msg):
+        def build():
+            raise RuntimeError(msg)
+        return lambda spec, **kw: (None, None, build)
+
+    monkeypatch.setattr(tb, "engine_loaders", fail("Invalid Engine. Please ensure the engine was built correctly\nmore"))
+    with pytest.raises(tb.EngineBuildError, match="failed to build the unet engine") as err:
+        tb.build_one(spec, tmp_path / "g.plan", _manifest(), "unet", FAKE_TRT, print)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+    monkeypatch.setattr(tb, "engine_loaders", fail("CUDA out of memory"))
+    from mvz.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="out of GPU memory.*--workspace"):
+        tb.build_one(spec, tmp_path / "g.plan", _manifest(), "unet", FAKE_TRT, print)
+    assert not (tmp_path / "g.plan").exists()
