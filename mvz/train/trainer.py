@@ -316,9 +316,10 @@ class Trainer:
 
         # constraint: once per iteration, before training, on the gathered joint rewards
         lam_before = self.lagrangian.lam
-        if cfg.objective == "constrained" and epoch >= t.lambda_update_delay_steps:
+        if cfg.objective == "constrained":  # τ moves every iteration; λ waits for lambda_update_delay_steps epochs
             m = torch.cat([g["joint"] for g in gathered]).double().mean().item()
-            self.lagrangian.update(m, t.lambda_lr, t.lambda_max, t.ema_beta)
+            self.lagrangian.update(m, t.lambda_lr, t.lambda_max, t.ema_beta,
+                                   update_lambda=epoch >= t.lambda_update_delay_steps)
         lam = self.lagrangian.lam
         rows = slice(acc.process_index * p_local, (acc.process_index + 1) * p_local)
         if cfg.pairing == "single":
