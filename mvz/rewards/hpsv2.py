@@ -21,6 +21,7 @@ from mvz.rewards.base import register_reward
 from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, strip_prefix
 from mvz.rewards.clip_convert import build_clip_config, convert_open_clip, load_clip_model, read_dims
 from mvz.rewards.runtime import ClipPerViewReward
+from mvz.rewards.text import clip_tokenize
 
 FILENAMES = ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")
 HF_REPO = "xswu/HPSv2"
@@ -77,6 +78,7 @@ class HPSv2(ClipPerViewReward):
                                  [path.parent / "tokenizer", home / "tokenizer"], TOKENIZER_REPOS,
                                  f"https://huggingface.co/{TOKENIZER_REPOS[0]}")
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+        self.tokenizer.model_max_length = 10**9  # clip_tokenize cuts to the context itself (no HF length warning)
         state = hps_state_dict(load_torch_state(path, "hpsv2"))
         self.model, self.key_mapping = convert_hps(state, read_arch(path), self.tokenizer)
         self._init_clip(self.model)
@@ -84,7 +86,9 @@ class HPSv2(ClipPerViewReward):
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenize_truncating(self.tokenizer, prompts, self.context_length)["input_ids"].to(self.device)
+        ids, lengths = clip_tokenize(self.tokenizer, prompts, self.context_length)  # open_clip's ids, cleaning included
+        self.notice_truncation(prompts, lengths, self.context_length)
+        ids = ids.to(self.device)
         hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask only, like open_clip
         eot = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # EOT has the largest id
         return F.normalize(self.model.text_projection(eot).float(), dim=-1)

@@ -199,7 +199,8 @@ HYPER_TINY = {"n_ctx": 4, "quality": 16, "spatial": 2}
 def _write_hyperscore(folder: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from mvz.rewards.hyperscore import HyperScoreConfig, clip_tokenize
+    from mvz.rewards.hyperscore import HyperScoreConfig
+    from mvz.rewards.text import clip_tokenize
 
     tok_dir = write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
