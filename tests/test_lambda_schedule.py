@@ -47,16 +47,14 @@ def test_lambda_max_config():
             load_config("tiny", overrides=bad)
 
 
-def test_trainer_moves_tau_during_lambda_delay(tmp_path):
-    from mvz.models.loading import load_model
+def test_trainer_moves_tau_during_lambda_delay(tmp_path, tiny_model):
     from mvz.train.trainer import Trainer
 
     overrides = ["reward.reward_fn=brightness", "reward.mv_reward_fn=brightness", "reward.preset=null",
                  "logging.tensorboard=false", "logging.sample_grid=false", "training.num_epochs=1",
                  "training.batches_per_epoch=2", "training.lambda_update_delay_steps=1", "training.lambda_init=1.0"]
     cfg = load_config("tiny", overrides=overrides)
-    model = load_model("tiny", device="cpu", dtype="fp32")
-    tr = Trainer(cfg, tmp_path / "run", device="cpu", model=copy.deepcopy(model), echo=lambda m: None).setup()
+    tr = Trainer(cfg, tmp_path / "run", device="cpu", model=copy.deepcopy(tiny_model), echo=lambda m: None).setup()
     tr.train()
     first, second = tr.run.read_metrics()
 

@@ -60,6 +60,7 @@ def test_alpha_twice_rank_loads_the_same_through_upstream_peft_and_mvz(tmp_path,
     torch.testing.assert_close(eps(ours), reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # three tiny training runs: ~25 s of CPU
 def test_resume_of_an_alpha_run_is_exact(tmp_path, tiny_model):
     from mvz.train.config import load_config
     from mvz.train.trainer import Trainer

@@ -36,8 +36,8 @@ def test_tiny_text_encoders_use_the_sdxl_key_layout(tiny_folder):
     assert "text_projection.weight" not in te1
 
 
-def test_tiny_text_encoder_weights_are_the_files_weights(tiny_folder):
-    mv = load_model("tiny", device="cpu", dtype="fp32")
+def test_tiny_text_encoder_weights_are_the_files_weights(tiny_folder, tiny_model):
+    mv = tiny_model
     for module, sub in ((mv.text_encoder, "text_encoder"), (mv.text_encoder_2, "text_encoder_2")):
         stored = load_file(str(tiny_folder / sub / "model.safetensors"))
         loaded = module.state_dict()
@@ -91,11 +91,11 @@ def test_component_with_a_key_mismatch_is_refused(tiny_folder, tmp_path, file, h
         assert kind in message
 
 
-def test_text_encoder_in_the_transformers5_default_layout_still_loads(tiny_folder, tmp_path):
+def test_text_encoder_in_the_transformers5_default_layout_still_loads(tiny_folder, tmp_path, tiny_model):
     """Files without the ``text_model.`` prefix (what transformers 5 writes by default) load with the same weights."""
     folder = _copy_model(tiny_folder, tmp_path)
     path = folder / "text_encoder" / "model.safetensors"
     _edit(path, lambda sd: sd.update({k.removeprefix("text_model."): sd.pop(k) for k in list(sd)}))
     a = load_model(str(folder), device="cpu", dtype="fp32").text_encoder.state_dict()
-    b = load_model("tiny", device="cpu", dtype="fp32").text_encoder.state_dict()
+    b = tiny_model.text_encoder.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
