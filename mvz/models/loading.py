@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, DeviceError, ModelNotFoundError
+from mvz.errors import CheckpointError, DeviceError, ModelNotFoundError, summarize_keys
 from mvz.models.specs import ADAPTER_FILENAME, MODEL_CARD, PRESETS, HubSource, PresetSpec, shipped_config
 from mvz.paths import models_dir
 
@@ -194,9 +194,40 @@ def _diffusers_load(cls, folder: Path, what: str):
     if not (folder / "diffusion_pytorch_model.safetensors").is_file() and (folder / "diffusion_pytorch_model.fp16.safetensors").is_file():
         variant = "fp16"
     try:
-        return cls.from_pretrained(str(folder), variant=variant, local_files_only=True)
+        model, info = cls.from_pretrained(str(folder), variant=variant, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the {what} from {folder}: {str(exc).splitlines()[0]}") from None
+    check_loading_report(info, what, folder)
+    return model
+
+
+def check_loading_report(info: dict, what: str, folder: Path) -> None:
+    """Refuse a partial load: diffusers/transformers report the keys they had to initialise at random
+    (``missing_keys``), could not place (``unexpected_keys``) or of the wrong shape (``mismatched_keys``)."""
+    parts = []
+    for field_name, noun in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong-shape")):
+        keys = info.get(field_name) or []
+        keys = [k[0] if isinstance(k, tuple) else k for k in keys]  # mismatched: (key, ckpt shape, model shape)
+        if keys:
+            parts.append(f"{len(keys)} {noun} key(s) ({summarize_keys(keys, 3)})")
+    errors = [e for e in info.get("error_msgs") or [] if e]
+    if errors:
+        parts.append(str(errors[0]).splitlines()[0])
+    if parts:
+        raise CheckpointError(
+            f"the {what} in {folder} does not fit its config: {'; '.join(parts)}.",
+            "Use a complete checkpoint in the diffusers/transformers layout of this component (nothing is loaded "
+            "with random weights).",
+        )
+
+
+def _load_text_encoder(cls, folder: Path, what: str):
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the {what} from {folder}: {str(exc).splitlines()[0]}") from None
+    check_loading_report(info, what, folder)
+    return model
 
 
 def load_model(
@@ -254,13 +285,13 @@ def load_model(
     else:
         unet = _diffusers_load(UNet2DConditionModel, res.unet, "UNet")
         vae = _diffusers_load(AutoencoderKL, res.vae, "VAE")
+        te1 = _load_text_encoder(CLIPTextModel, res.base / "text_encoder", "text encoder")
+        te2 = _load_text_encoder(CLIPTextModelWithProjection, res.base / "text_encoder_2", "second text encoder")
         try:
-            te1 = CLIPTextModel.from_pretrained(str(res.base / "text_encoder"), local_files_only=True)
-            te2 = CLIPTextModelWithProjection.from_pretrained(str(res.base / "text_encoder_2"), local_files_only=True)
             tokenizer = CLIPTokenizer.from_pretrained(str(res.base / "tokenizer"), local_files_only=True)
             tokenizer_2 = CLIPTokenizer.from_pretrained(str(res.base / "tokenizer_2"), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the text encoders from {res.base}: {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot load the tokenizers from {res.base}: {str(exc).splitlines()[0]}") from None
 
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     settings = MVSettings(num_views=6)  # the model's defaults; every call passes its own

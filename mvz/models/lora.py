@@ -2,8 +2,9 @@
 
 Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r), with no
 adapter name and no ``unet.``/``base_model.model.`` prefix, over the 8 target module names below. The
-rank is read from the file; alpha defaults to the rank (upstream scale 1) unless our own metadata says
-otherwise. Loading is strict: missing or unexpected keys, or wrong shapes, are an error naming them.
+rank is read from the file; alpha defaults to the rank (upstream scale 1) unless the file's metadata says
+otherwise. mvz saves with alpha folded into B and alpha = rank, so upstream's loader reads it
+right. Loading is strict: missing or unexpected keys, or wrong shapes, are an error naming them.
 """
 
 from __future__ import annotations
@@ -104,11 +105,32 @@ def set_lora_scale(unet, scale: float, adapter_name: str = ADAPTER_NAME) -> None
     unet.set_adapters([adapter_name], weights=[float(scale)])
 
 
+def lora_scale_of(rank: int, alpha: float | None) -> float:
+    """PEFT's per-layer scale ``lora_alpha / r`` (no rsLoRA)."""
+    return 1.0 if alpha is None else float(alpha) / rank
+
+
+def fold_alpha(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """``B·scale``: the same ``W + scale·B·A`` under a config with ``lora_alpha = r`` (scale 1)."""
+    if scale == 1.0:
+        return dict(sd)
+    return {k: v * scale if k.endswith(".lora_B.weight") else v for k, v in sd.items()}
+
+
 def save_lora(unet, path: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
-    """Write the upstream layout (fp32 tensors, no prefix), atomically; rank/alpha go into metadata."""
+    """Write the upstream layout (fp32 tensors, no prefix), atomically.
+
+    Upstream reads a file with ``LoraConfig(r, lora_alpha=r)`` (scale 1) and cannot see alpha, so a LoRA
+    trained with ``lora_alpha != r`` is saved with ``alpha/r`` folded into its B matrices and recorded as
+    ``lora_alpha = r``: every loader applies the same ``W + (alpha/r)·B·A``. The trained alpha is kept in
+    the metadata (``trained_lora_alpha``) for the record."""
     from mvz.atomic import save_safetensors
 
-    sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(unet, adapter_name).items()}
     cfg = unet.peft_config[adapter_name]
-    meta = {"format": "pt", "lora_rank": str(cfg.r), "lora_alpha": str(cfg.lora_alpha), "producer": "mvz"}
+    if getattr(cfg, "use_rslora", False) or getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):
+        raise CheckpointError("mvz saves single-rank LoRAs with scale alpha/r only (no rsLoRA, no rank/alpha patterns).")
+    sd = {k: v.detach().float().cpu() for k, v in lora_state_dict(unet, adapter_name).items()}
+    sd = fold_alpha(sd, lora_scale_of(cfg.r, cfg.lora_alpha))
+    meta = {"format": "pt", "lora_rank": str(cfg.r), "lora_alpha": str(cfg.r), "trained_lora_alpha": str(cfg.lora_alpha),
+            "producer": "mvz"}
     return save_safetensors(path, sd, metadata=meta)

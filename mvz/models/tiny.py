@@ -17,7 +17,7 @@ from mvz.atomic import atomic_dir, save_safetensors, write_json
 from mvz.models.specs import ADAPTER_FILENAME, MODEL_CARD
 from mvz.models.tiny_tokenizer import clip_vocab, write_clip_tokenizer
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: text encoders in the SDXL key layout (text_model.*)
 TINY_RESOLUTION = 64
 TINY_TEXT_DIM = 32
 
@@ -89,6 +89,29 @@ def scheduler_config() -> dict:
     return shipped_config("sdxl-lcm", "scheduler")
 
 
+TEXT_MODEL_PREFIX = "text_model."
+TEXT_PROJECTION = "text_projection.weight"
+
+
+def sdxl_text_encoder_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key names of the real SDXL ``text_encoder/`` and ``text_encoder_2/`` files: ``text_model.*`` (plus
+    ``text_projection.weight`` in the second). transformers 5 writes a fresh ``CLIPTextModel`` without the
+    ``text_model.`` prefix, which transformers 4.x then loads with every weight missing (random)."""
+    return {k if k.startswith(TEXT_MODEL_PREFIX) or k == TEXT_PROJECTION else TEXT_MODEL_PREFIX + k: v
+            for k, v in state.items()}
+
+
+def save_text_encoder(model, folder: Path) -> None:
+    """``save_pretrained`` (config and weights), then the weights rewritten in the SDXL key layout."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(folder, safe_serialization=True)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():  # a sharded or renamed save would escape the rewrite below
+        raise RuntimeError(f"transformers did not write {weights}")
+    save_safetensors(weights, sdxl_text_encoder_layout(load_file(str(weights))), metadata={"format": "pt"})
+
+
 def _is_current(folder: Path) -> bool:
     card = folder / MODEL_CARD
     if not card.is_file():
@@ -116,8 +139,8 @@ def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:
         unet = UNet2DConditionModel.from_config(tiny_unet_config())
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         AutoencoderKL.from_config(tiny_vae_config()).save_pretrained(tmp / "vae", safe_serialization=True)
-        CLIPTextModel(CLIPTextConfig(**tiny_text_config(False))).save_pretrained(tmp / "text_encoder")
-        CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config(True))).save_pretrained(tmp / "text_encoder_2")
+        save_text_encoder(CLIPTextModel(CLIPTextConfig(**tiny_text_config(False))), tmp / "text_encoder")
+        save_text_encoder(CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config(True))), tmp / "text_encoder_2")
         write_clip_tokenizer(tmp / "tokenizer")
         write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config())

@@ -1,7 +1,7 @@
 """Reward models behind one interface (see ``mvz.rewards.base``).
 
 ``load_reward(name, checkpoint=None, preset=None, device=None, dtype=None, **kw)`` builds one of
-``pickscore``, ``hpsv2``, ``imagereward``, ``hyperscore`` (``preset="tiny"`` for random tiny weights).
+``pickscore``, ``hpsv2`` (v2.0), ``hpsv2.1``, ``imagereward``, ``hyperscore`` (``preset="tiny"`` for random tiny weights).
 Heavy modules (transformers) load only when a reward is built.
 """
 

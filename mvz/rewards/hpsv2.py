@@ -1,4 +1,5 @@
-"""HPSv2: the open_clip ``ViT-H-14`` checkpoint ``HPS_v2_compressed.pt`` converted into transformers' CLIP.
+"""HPSv2: the open_clip ``ViT-H-14`` checkpoint ``HPS_v2_compressed.pt`` (reward ``hpsv2``) or
+``HPS_v2.1_compressed.pt`` (reward ``hpsv2.1``) converted into transformers' CLIP.
 
 No open_clip: the state dict (under ``"state_dict"``, open_clip names) is mapped key by key
 (:mod:`mvz.rewards.clip_convert`) and loaded strictly. Score = diagonal of normalised
@@ -15,16 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mvz.errors import CheckpointError
+from mvz.errors import CheckpointError, InputError
 from mvz.paths import rewards_dir
 from mvz.rewards.base import register_reward
 from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, strip_prefix
 from mvz.rewards.clip_convert import build_clip_config, convert_open_clip, load_clip_model, read_dims
 from mvz.rewards.runtime import ClipPerViewReward
+from mvz.rewards.text import clip_tokenize
 
-FILENAMES = ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")
+# one reward name per HPS version, each finding only its own file (never one version by folder order)
+FILENAMES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
 HF_REPO = "xswu/HPSv2"
-SOURCE = f"https://huggingface.co/{HF_REPO} (file HPS_v2_compressed.pt; the hpsv2 package caches it in ~/.cache/hpsv2)"
 TOKENIZER_REPOS = ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "openai/clip-vit-large-patch14")
 # open_clip's model config format; the values of ViT-H-14 (heads are not visible in tensor shapes)
 ARCH_FILES = ("open_clip_config.json", "ViT-H-14.json")
@@ -61,7 +63,26 @@ def convert_hps(state: dict, arch: dict, tokenizer) -> tuple[torch.nn.Module, di
     return load_clip_model(hf, config, "hpsv2"), mapping
 
 
+def find_checkpoint(name: str, checkpoint: str | os.PathLike | None) -> Path:
+    """``name``'s own file: an explicit file (refused when it is the other version's), or the file of this
+    version in an explicit folder / ``$MVZ_HOME/rewards/<name>/`` / ``$MVZ_HOME/rewards/hpsv2/`` /
+    ``~/.cache/hpsv2`` / the HF cache."""
+    filename = FILENAMES[name]
+    if checkpoint is not None and Path(checkpoint).expanduser().is_file():
+        given = Path(checkpoint).expanduser().name
+        other = next((n for n, f in FILENAMES.items() if f == given and n != name), None)
+        if other:
+            raise InputError(f"{name}: {given} is the checkpoint of {other}, not of {name}.",
+                             f"Use the reward name {other!r} for it, or pass {filename}.")
+    source = f"https://huggingface.co/{HF_REPO} (file {filename}; the hpsv2 package caches it in ~/.cache/hpsv2)"
+    extra = [rewards_dir() / "hpsv2"] if name != "hpsv2" else []
+    return find_file(name, (filename,), checkpoint, [*extra, Path.home() / ".cache" / "hpsv2"],
+                     [(HF_REPO, filename)], source)
+
+
 class HPSv2(ClipPerViewReward):
+    """HPS v2.0 (``HPS_v2_compressed.pt``); :class:`HPSv21` is v2.1."""
+
     name = "hpsv2"
     kind = "per_view"
 
@@ -71,12 +92,13 @@ class HPSv2(ClipPerViewReward):
         from transformers import CLIPTokenizer
 
         home = rewards_dir() / "hpsv2"
-        path = find_file("hpsv2", FILENAMES, checkpoint, [Path.home() / ".cache" / "hpsv2"],
-                         [(HF_REPO, FILENAMES[0])], SOURCE)
+        path = find_checkpoint(self.name, checkpoint)
         tok_folder = find_folder("hpsv2", "vocab.json", "CLIP BPE tokenizer", tokenizer,
-                                 [path.parent / "tokenizer", home / "tokenizer"], TOKENIZER_REPOS,
+                                 list(dict.fromkeys([path.parent / "tokenizer", rewards_dir() / self.name / "tokenizer",
+                                                     home / "tokenizer"])), TOKENIZER_REPOS,
                                  f"https://huggingface.co/{TOKENIZER_REPOS[0]}")
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+        self.tokenizer.model_max_length = 10**9  # clip_tokenize cuts to the context itself (no HF length warning)
         state = hps_state_dict(load_torch_state(path, "hpsv2"))
         self.model, self.key_mapping = convert_hps(state, read_arch(path), self.tokenizer)
         self._init_clip(self.model)
@@ -84,12 +106,25 @@ class HPSv2(ClipPerViewReward):
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenize_truncating(self.tokenizer, prompts, self.context_length)["input_ids"].to(self.device)
+        ids, lengths = clip_tokenize(self.tokenizer, prompts, self.context_length)  # open_clip's ids, cleaning included
+        self.notice_truncation(prompts, lengths, self.context_length)
+        ids = ids.to(self.device)
         hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask only, like open_clip
         eot = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # EOT has the largest id
         return F.normalize(self.model.text_projection(eot).float(), dim=-1)
 
 
+class HPSv21(HPSv2):
+    """HPS v2.1 (``HPS_v2.1_compressed.pt``): same architecture and score, other weights."""
+
+    name = "hpsv2.1"
+
+
 @register_reward("hpsv2")
 def make_hpsv2(**kwargs) -> HPSv2:
     return HPSv2(**kwargs)
+
+
+@register_reward("hpsv2.1")
+def make_hpsv21(**kwargs) -> HPSv21:
+    return HPSv21(**kwargs)

@@ -37,6 +37,7 @@ from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, st
 from mvz.rewards.clip_convert import build_clip_config, convert_open_clip, load_clip_model, read_dims
 from mvz.rewards.preprocess import check_images, hyperscore_preprocess
 from mvz.rewards.runtime import ModelReward
+from mvz.rewards.text import clip_tokenize
 
 SUB_SCORES = ("alignment", "geometry", "texture", "overall")
 SOURCE = ("MATE-3D (github.com/zhangyujie-1998/MATE-3D): checkpoint/model.pth, a manual download from the "
@@ -170,24 +171,6 @@ def fold_hypernet(cond: torch.Tensor, head: dict, dims: HeadDims) -> dict[str, t
         "w3": conv("fc3w_conv").reshape(k, dims.f3, dims.f2), "b3": lin("fc3b_fc").reshape(k, dims.f3),
         "w4": lin("fc4w_fc").reshape(k, 1, dims.f3), "b4": lin("fc4b_fc").reshape(k, 1),
     }
-
-
-def clip_tokenize(tokenizer, texts: Sequence[str], context: int) -> tuple[torch.Tensor, list[int]]:
-    """``clip.tokenize``: [SOS] + BPE + [EOS], zero padded to ``context``; too long -> cut, last = EOS.
-
-    Returns the ids (N, context) and the original token counts (to report truncation).
-    """
-    sos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = torch.zeros(len(texts), context, dtype=torch.long)
-    lengths = []
-    for i, text in enumerate(texts):
-        toks = [sos, *tokenizer.encode(text, add_special_tokens=False), eos]
-        lengths.append(len(toks))
-        if len(toks) > context:
-            toks = toks[:context]
-            toks[-1] = eos
-        ids[i, : len(toks)] = torch.tensor(toks)
-    return ids, lengths
 
 
 def encode_text_tokens(clip, embeds: torch.Tensor) -> torch.Tensor:
@@ -330,11 +313,7 @@ class HyperScore(ModelReward):
         check_images(images, prompts, self.name)
         images = self._present(images)
         ids, lengths = clip_tokenize(self.tokenizer, prompts, self.context_length)
-        for text, n in zip(prompts, lengths, strict=True):
-            if n > self.context_length:
-                short = text if len(text) <= 40 else text[:37] + "..."
-                self.notice_once(f"{self.name}: prompt {short!r} has {n} tokens; truncated to {self.context_length} "
-                                 "(MATE-3D's clip.tokenize would refuse it).")
+        self.notice_truncation(prompts, lengths, self.context_length, "(MATE-3D's clip.tokenize would refuse it)")
         v = images.shape[1]
         sets_per_chunk = max(1, self.chunk_size(self._tokens, self._width, self._heads) // v)
         scores = self.map_chunks(images.shape[0], sets_per_chunk, lambda s: self._score_sets(images[s], ids[s]))

@@ -1,6 +1,8 @@
-"""Image checks and preprocessing in torch (no torchvision): resize, centre crop, normalise.
+"""Image checks and preprocessing in torch (no torchvision): resize, normalise.
 
-Constants are the ones in ``shared/reference/rewards.md`` section 1.
+One convention for all four rewards, MVC-ZigAL's tensor wrappers' (``resize(images, [224, 224])``): each
+view is resized to the model's square input, never cropped, so a non-square view is squashed. Constants are
+the ones in ``shared/reference/rewards.md`` section 1.
 """
 
 from __future__ import annotations
@@ -49,18 +51,6 @@ def resize(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") 
     return F.interpolate(x, size=size, mode=mode, align_corners=align, antialias=mode in ("bilinear", "bicubic"))
 
 
-def resize_shorter_center_crop(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
-    """Resize the shorter side to ``size`` then centre crop ``size x size`` (identity crop for squares)."""
-    h, w = x.shape[-2:]
-    if h == w:
-        return resize(x, size, mode)
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = resize(x, (nh, nw), mode)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -68,13 +58,15 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def clip_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
-    """PickScore / HPSv2: resize to ``size x size`` (bicubic), CLIP mean/std. ``x``: ``[N, 3, H, W]`` in [0, 1]."""
+    """PickScore / HPSv2 / ImageReward: resize to ``size x size`` (bicubic), CLIP mean/std.
+    ``x``: ``[N, 3, H, W]`` in [0, 1]."""
     return normalize(resize(x.float(), size, "bicubic"), CLIP_MEAN, CLIP_STD)
 
 
-def blip_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
-    """ImageReward: bicubic resize + centre crop to ``size``, CLIP mean/std."""
-    return normalize(resize_shorter_center_crop(x.float(), size, "bicubic"), CLIP_MEAN, CLIP_STD)
+# ImageReward's own package centre-crops a non-square PIL image (Resize(shorter side) + CenterCrop); mvz
+# follows MVC-ZigAL's tensor wrappers for all four rewards instead: every view is resized to the square model
+# input without a crop. For square views (all MV-Adapter output) both give the same pixels.
+blip_preprocess = clip_preprocess
 
 
 def hyperscore_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import os
 from mvz.errors import InputError
 from mvz.rewards.base import REWARD_REGISTRY, Reward
 
-BUILTIN = {"pickscore": "mvz.rewards.pickscore", "hpsv2": "mvz.rewards.hpsv2",
+BUILTIN = {"pickscore": "mvz.rewards.pickscore", "hpsv2": "mvz.rewards.hpsv2", "hpsv2.1": "mvz.rewards.hpsv2",
            "imagereward": "mvz.rewards.imagereward", "hyperscore": "mvz.rewards.hyperscore"}
 PRESETS = ("tiny",)
 

@@ -81,15 +81,20 @@ class ModelReward(Reward):
     def map_chunks(self, n: int, size: int, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         return torch.cat([fn(s).float().cpu() for s in chunks(n, size)], dim=0)
 
+    def notice_truncation(self, texts: Sequence[str], lengths: Sequence[int], max_length: int,
+                          how: str = "like the original") -> None:
+        """Say once per prompt that was cut to ``max_length`` tokens."""
+        for text, n in zip(texts, lengths, strict=True):
+            if n > max_length:
+                short = text if len(text) <= 40 else text[:37] + "..."
+                self.notice_once(f"{self.name}: prompt {short!r} has {n} tokens; truncated to {max_length} {how}.")
+
     def tokenize_truncating(self, tokenizer, texts: Sequence[str], max_length: int, **kwargs):
         """Tokenize with truncation to ``max_length`` tokens; say once when a prompt was cut."""
         enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt", **kwargs)
         full = tokenizer(list(texts), truncation=True, max_length=100_000, **kwargs)["input_ids"]
-        for text, ids in zip(texts, full, strict=True):
-            if len(ids) > max_length:
-                short = text if len(text) <= 40 else text[:37] + "..."
-                self.notice_once(f"{self.name}: prompt {short!r} has {len(ids)} tokens; truncated to {max_length} like the original.")
+        self.notice_truncation(texts, [len(ids) for ids in full], max_length)
         return enc
 
 

@@ -3,7 +3,8 @@
 ``$MVZ_HOME/rewards/tiny/<name>/`` holds, per reward:
 
 * ``pickscore``: a Hugging Face CLIP folder (``config.json``, ``model.safetensors``) with its tokenizer files;
-* ``hpsv2``: ``HPS_v2_compressed.pt`` (``{"state_dict": <open_clip names>}``) + ``open_clip_config.json``
+* ``hpsv2`` / ``hpsv2.1``: ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` (``{"state_dict": <open_clip
+  names>}``, other random weights per version) + ``open_clip_config.json``
   (open_clip's model-config format) + ``tokenizer/``;
 * ``imagereward``: ``ImageReward.pt`` (BLIP names + ``mlp.layers.*``) + ``med_config.json`` + ``tokenizer/vocab.txt``;
 * ``hyperscore``: ``model.pth`` (MATE-3D names) + ``hyperscore_config.json`` (head widths) + ``tokenizer/``.
@@ -24,10 +25,11 @@ from mvz.models.tiny_tokenizer import clip_vocab_size, write_clip_tokenizer
 from mvz.paths import rewards_dir
 
 TINY_VERSION = 1
-NAMES = ("pickscore", "hpsv2", "imagereward", "hyperscore")
+NAMES = ("pickscore", "hpsv2", "hpsv2.1", "imagereward", "hyperscore")
 FILES = {
     "pickscore": "",
     "hpsv2": "HPS_v2_compressed.pt",
+    "hpsv2.1": "HPS_v2.1_compressed.pt",
     "imagereward": "ImageReward.pt",
     "hyperscore": "model.pth",
 }
@@ -114,16 +116,16 @@ def _write_pickscore(folder: Path) -> None:
     save_safetensors(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
 
 
-def _write_hpsv2(folder: Path) -> None:
+def _write_hpsv2(folder: Path, filename: str = FILES["hpsv2"], seed: int = 202) -> None:
     tok = write_clip_tokenizer(folder / "tokenizer")
     assert tok
     arch = {"embed_dim": 16, "quick_gelu": False,
             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
             "text_cfg": {"context_length": 77, "vocab_size": clip_vocab_size(), "width": 32, "heads": 2, "layers": 2}}
     write_json(folder / "open_clip_config.json", arch)
-    sd = open_clip_state(202, vision_width=32, vision_layers=2, patch=8, image=32, text_width=32, text_layers=2,
+    sd = open_clip_state(seed, vision_width=32, vision_layers=2, patch=8, image=32, text_width=32, text_layers=2,
                          context=77, vocab=clip_vocab_size(), embed=16)
-    _save_torch(folder / "HPS_v2_compressed.pt", {"state_dict": sd})
+    _save_torch(folder / filename, {"state_dict": sd})
 
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -199,7 +201,8 @@ HYPER_TINY = {"n_ctx": 4, "quality": 16, "spatial": 2}
 def _write_hyperscore(folder: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from mvz.rewards.hyperscore import HyperScoreConfig, clip_tokenize
+    from mvz.rewards.hyperscore import HyperScoreConfig
+    from mvz.rewards.text import clip_tokenize
 
     tok_dir = write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
@@ -232,7 +235,8 @@ def _write_hyperscore(folder: Path) -> None:
     _save_torch(folder / "model.pth", sd)
 
 
-_WRITERS = {"pickscore": _write_pickscore, "hpsv2": _write_hpsv2, "imagereward": _write_imagereward,
+_WRITERS = {"pickscore": _write_pickscore, "hpsv2": _write_hpsv2,
+            "hpsv2.1": lambda folder: _write_hpsv2(folder, FILES["hpsv2.1"], seed=212), "imagereward": _write_imagereward,
             "hyperscore": _write_hyperscore}
 
 

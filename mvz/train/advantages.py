@@ -93,17 +93,23 @@ class LagrangianState:
     lam: float = 0.0
     tau: float = 0.0
 
-    def update(self, mv_mean: float, lambda_lr: float, lambda_max: float, ema_beta: float = 0.99) -> LagrangianState:
-        """One update per iteration, before training, from the mean joint reward ``m`` of the gathered batch:
+    def update(self, mv_mean: float, lambda_lr: float, lambda_max: float | None, ema_beta: float = 0.99,
+               update_lambda: bool = True) -> LagrangianState:
+        """One update per iteration, before training, from the mean joint reward ``m`` of the gathered batch,
+        in upstream's order:
 
-        τ ← m on the first iteration (τ ≤ 0), else τ ← β·τ + (1−β)·m (EMA, updated before λ);
-        lr ← lambda_lr if m < τ (violated) else 0.1·lambda_lr; λ ← clamp(λ + lr·(τ − m), 0, λ_max).
+        τ ← m on the first iteration (τ ≤ 0), else τ ← β·τ + (1−β)·m (EMA, every iteration, before λ);
+        then, unless ``update_lambda`` is false (upstream: ``epoch < lambda_update_delay_steps``, where τ
+        still moves and only λ waits): lr ← lambda_lr if m < τ (violated) else 0.1·lambda_lr;
+        λ ← clamp(λ + lr·(τ − m), 0, λ_max). ``lambda_max`` 0 or None means no upper cap, as upstream reads
+        it (``lambda_max if lambda_max else None``).
         """
         m = float(mv_mean)
-        tau = m if self.tau <= 0 else ema_beta * self.tau + (1.0 - ema_beta) * m
-        lr = lambda_lr if m < tau else 0.1 * lambda_lr
-        lam = min(max(self.lam + lr * (tau - m), 0.0), lambda_max)
-        self.lam, self.tau = lam, tau
+        self.tau = m if self.tau <= 0 else ema_beta * self.tau + (1.0 - ema_beta) * m
+        if update_lambda:
+            lr = lambda_lr if m < self.tau else 0.1 * lambda_lr
+            lam = max(self.lam + lr * (self.tau - m), 0.0)
+            self.lam = min(lam, lambda_max) if lambda_max else lam
         return self
 
     def state_dict(self) -> dict[str, float]:

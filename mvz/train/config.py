@@ -94,7 +94,7 @@ class TrainingConfig:
     # constraint (Lagrangian)
     lambda_init: float = 0.0
     lambda_lr: float = 0.1
-    lambda_max: float = 5.0
+    lambda_max: float | None = 5.0  # 0 or null: no upper cap (upstream: ``lambda_max if lambda_max else None``)
     lambda_update_delay_steps: int = 0
     ema_beta: float = 0.99
     constrain_threshold_init: float = 0.0
@@ -126,7 +126,7 @@ _TRAINING_BOUNDS: tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str
       "batches_per_epoch", "num_epochs", "gradient_accumulation_steps", "lora_rank", "save_interval",
       "zmv_repeats", "num_inner_epochs", "vae_batch"), lambda v: v >= 1, "be at least 1"),
     (("lr", "clip_range", "max_grad_norm", "adam_epsilon"), lambda v: v > 0, "be positive"),
-    (("lambda_lr", "lambda_max", "lambda_init", "weight_decay", "zmv_steps", "lambda_update_delay_steps",
+    (("lambda_lr", "lambda_init", "weight_decay", "zmv_steps", "lambda_update_delay_steps",
       "ws_weight"), lambda v: v >= 0, "not be negative"),
 )
 
@@ -185,7 +185,10 @@ class TrainConfig:
             raise ConfigError("training.train_batch_size_per_gpu must be 1 (one prompt pair per micro-step, as upstream).")
         if not 0 <= t.ema_beta <= 1:
             raise ConfigError(f"training.ema_beta must be in [0, 1], got {t.ema_beta}.")
-        if t.lambda_init > t.lambda_max:
+        if t.lambda_max is not None and t.lambda_max < 0:
+            raise ConfigError(f"training.lambda_max must not be negative, got {t.lambda_max}.",
+                              "Use a positive cap, or 0 / null for no cap (as upstream).")
+        if t.lambda_max and t.lambda_init > t.lambda_max:
             raise ConfigError(f"training.lambda_init {t.lambda_init} exceeds training.lambda_max {t.lambda_max}.")
         if not self.prompts.prompt_set.strip():
             raise ConfigError("prompts.prompt_set is empty.", "Name a shipped set (simple_animals) or a prompt file.")

@@ -208,14 +208,18 @@ class Trainer:
     def _load_checkpoint(self, cp) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        from mvz.models.lora import read_lora_file
+        from mvz.models.lora import fold_alpha, lora_scale_of, read_lora_file
 
-        sd, _, _ = read_lora_file(cp.lora)
+        t = self.cfg.training
+        sd, rank, alpha = read_lora_file(cp.lora)
+        state = cp.load_state()
+        # the file applies alpha/r folded into B (scale 1); this run's LoRA applies lora_alpha/r itself
+        sd = fold_alpha(sd, lora_scale_of(rank, alpha) / lora_scale_of(t.lora_rank, t.lora_alpha))
+        sd.update(state.get("lora_b_unfolded") or {})  # the trained B exactly, so a resume stays bit-exact
         result = set_peft_model_state_dict(self.model.unet, {k: v.float() for k, v in sd.items()})
         bad = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
         if bad:
             raise ConfigError(f"checkpoint {cp.lora} does not fit this run's LoRA ({bad[0]}...).")
-        state = cp.load_state()
         self.optimizer.load_state_dict(state["optimizer"])
         for g in self.optimizer.param_groups:  # a changed training.lr applies from now on
             g["lr"] = self.cfg.training.lr
@@ -316,9 +320,10 @@ class Trainer:
 
         # constraint: once per iteration, before training, on the gathered joint rewards
         lam_before = self.lagrangian.lam
-        if cfg.objective == "constrained" and epoch >= t.lambda_update_delay_steps:
+        if cfg.objective == "constrained":  # τ moves every iteration; λ waits for lambda_update_delay_steps epochs
             m = torch.cat([g["joint"] for g in gathered]).double().mean().item()
-            self.lagrangian.update(m, t.lambda_lr, t.lambda_max, t.ema_beta)
+            self.lagrangian.update(m, t.lambda_lr, t.lambda_max, t.ema_beta,
+                                   update_lambda=epoch >= t.lambda_update_delay_steps)
         lam = self.lagrangian.lam
         rows = slice(acc.process_index * p_local, (acc.process_index + 1) * p_local)
         if cfg.pairing == "single":
@@ -496,9 +501,13 @@ class Trainer:
         acc = self.accelerator
         path = None
         if acc.is_main_process:
-            from mvz.models.lora import save_lora
+            from mvz.models.lora import lora_scale_of, lora_state_dict, save_lora
 
             unet = acc.unwrap_model(self.unet_train)
+            t = self.cfg.training
+            unfolded = {}  # save_lora folds alpha/r into B; keep the trained B for an exact resume
+            if lora_scale_of(t.lora_rank, t.lora_alpha) != 1.0:
+                unfolded = {k: v.detach().float().cpu() for k, v in lora_state_dict(unet).items() if ".lora_B." in k}
             scaler = getattr(acc, "scaler", None)
             state = {
                 "epoch": epoch,
@@ -509,6 +518,7 @@ class Trainer:
                 "rng": _rng_state(),
                 "world_size": acc.num_processes,
                 "config_fingerprint": self.cfg.fingerprint(ignore=RESUMABLE_CHANGES),
+                "lora_b_unfolded": unfolded,
             }
             summary = {"epoch": epoch, "global_step": self.global_step, **self.lagrangian.state_dict(),
                        "lora_rank": self.cfg.training.lora_rank, "method": self.cfg.training.method,
