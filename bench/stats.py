@@ -10,6 +10,7 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
          20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
          29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_NORMAL_975 = 1.959964
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -35,7 +36,10 @@ def t_quantile_975(df: int) -> float:
         if a < df < b:  # interpolate in 1/df, which is close to linear for t quantiles
             wa, wb = 1 / a - 1 / df, 1 / df - 1 / b
             return (_T975[a] * wb + _T975[b] * wa) / (wa + wb)
-    return 1.96
+    # beyond the table: interpolate in 1/df towards the normal quantile (df = inf, 1/df = 0)
+    last = keys[-1]
+    wa, wb = 1 / last - 1 / df, 1 / df
+    return (_T975[last] * wb + _NORMAL_975 * wa) / (wa + wb)
 
 
 def summarize_times(seconds: Sequence[float]) -> dict:

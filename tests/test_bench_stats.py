@@ -43,10 +43,23 @@ def test_mean_ci_student_t():
     assert mean_ci([1.0, float("nan"), 3.0])["n"] == 2
 
 
-def test_t_quantiles():
-    assert t_quantile_975(1) == 12.706
-    assert 2.042 > t_quantile_975(35) > 2.021
-    assert t_quantile_975(10_000) == 1.96
+# two-sided 95 % Student-t quantiles t_{0.975, df} from a published table (NIST/SEMATECH e-Handbook of
+# Statistical Methods, 1.3.6.7.2), including degrees of freedom between and beyond the code's own entries
+PUBLISHED_T975 = {1: 12.706, 2: 4.303, 5: 2.571, 10: 2.228, 31: 2.040, 35: 2.030, 45: 2.014, 50: 2.009,
+                  70: 1.994, 80: 1.990, 90: 1.987, 100: 1.984}
+# larger df, from the same formula (scipy.stats.t.ppf(0.975, df), rounded): beyond the code's last entry (120)
+LARGE_DF_T975 = {150: 1.976, 200: 1.972, 500: 1.965, 1000: 1.962, 10_000: 1.960}
+
+
+@pytest.mark.parametrize("df,expected", sorted({**PUBLISHED_T975, **LARGE_DF_T975}.items()))
+def test_t_quantiles_match_a_published_table(df, expected):
+    assert t_quantile_975(df) == pytest.approx(expected, abs=1.5e-3)
+
+
+def test_t_quantiles_match_scipy_for_every_df():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 400):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1.5e-3), df
 
 
 def test_ratio():

@@ -130,8 +130,15 @@ def test_device_and_dtype_errors():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
+# SDXL's attention layout (published architecture): transformer blocks per channel width; 2048-d text context
+SDXL_BLOCKS = {640: 2 * 2 + 3 * 2, 1280: 2 * 10 + 10 + 3 * 10}  # down, (mid), up -> 10 at 640, 60 at 1280
+TEXT_DIM = 2048
+
+
 def test_full_size_architecture_matches_published_counts():
-    """--random-weights configs: UNet + MV branch = 2,977,146,884, adapter 81,240,000, LoRA 33,873,920."""
+    """--random-weights configs, counted by diffusers/peft on the meta device, against figures derived here
+    from the published SDXL architecture (not from mvz): UNet 2,567,463,684 (+ the LCM w-projection),
+    MV branch, LoRA rank 16."""
     from diffusers import UNet2DConditionModel
 
     from mvz.models.adapter import build_camera_adapter
@@ -139,20 +146,27 @@ def test_full_size_architecture_matches_published_counts():
     from mvz.models.lora import add_lora, lora_state_dict
     from mvz.models.specs import shipped_config
 
+    n_blocks = sum(SDXL_BLOCKS.values())
+    # MV branch per self-attention block: to_q/k/v_mv (ch x ch, no bias) + to_out_mv.0 (ch x ch + bias)
+    mv_expected = sum(n * (4 * ch * ch + ch) for ch, n in SDXL_BLOCKS.items())
+    # LoRA r per Linear(in, out): r·(in + out). Per block: attn1 q,k,v,out (ch->ch); attn2 q, out (ch->ch),
+    # k, v (2048->ch); the 4 MV linears (ch->ch)
+    r = 16
+    lora_expected = sum(n * r * (10 * 2 * ch + 2 * (TEXT_DIM + ch)) for ch, n in SDXL_BLOCKS.items())
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(shipped_config("sdxl-lcm", "unet"))
         base = sum(p.numel() for p in unet.parameters())
-        # the LCM UNet adds the w-embedding projection (256 -> 320) to SDXL's 2,567,463,684
+        # the LCM UNet adds the w-embedding projection (256 -> 320, no bias) to SDXL's 2,567,463,684
         assert base == 2_567_463_684 + 256 * 320
-        assert install_mv_processors(unet, init_from_base=False) == 70
+        assert install_mv_processors(unet, init_from_base=False) == n_blocks == 70
         mv = sum(p.numel() for proc in mv_processors(unet).values() for p in proc.parameters())
-        assert mv == 409_683_200
+        assert mv == mv_expected == 409_683_200
         adapter = build_camera_adapter(unet.config)
         assert sum(p.numel() for p in adapter.parameters()) == 81_240_000
-        add_lora(unet, rank=16, init=True)
+        add_lora(unet, rank=r, init=True)
         sd = lora_state_dict(unet)
-    assert len(sd) == 1680
-    assert sum(v.numel() for v in sd.values()) == 33_873_920
+    assert len(sd) == n_blocks * 12 * 2  # 12 target Linears per block, A and B each
+    assert sum(v.numel() for v in sd.values()) == lora_expected == 33_873_920
     key = "up_blocks.1.attentions.2.transformer_blocks.1.attn1.processor.to_out_mv.0.lora_B.weight"
     assert tuple(sd[key].shape) == (640, 16)
 

@@ -8,6 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# the normalisation constants as another library ships them (transformers' image processors)
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
+
 from mvz.errors import CheckpointError, InputError, ModelNotFoundError
 from mvz.rewards import RewardOutput, load_reward
 from mvz.rewards import preprocess as pp
@@ -93,16 +101,16 @@ def oc_text(emb, sd, heads, act):
 # ---------------------------------------------------------------------------------------------- preprocessing
 
 
-def test_preprocess_constants_match_reference():
-    assert pp.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
-    assert pp.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
-    assert pp.IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert pp.IMAGENET_STD == (0.229, 0.224, 0.225)
+def test_preprocess_constants_match_transformers():
+    assert pp.CLIP_MEAN == pytest.approx(OPENAI_CLIP_MEAN, rel=0, abs=0)
+    assert pp.CLIP_STD == pytest.approx(OPENAI_CLIP_STD, rel=0, abs=0)
+    assert pp.IMAGENET_MEAN == pytest.approx(IMAGENET_DEFAULT_MEAN, rel=0, abs=0)
+    assert pp.IMAGENET_STD == pytest.approx(IMAGENET_DEFAULT_STD, rel=0, abs=0)
 
 
-@pytest.mark.parametrize("fn,mean,std", [(pp.clip_preprocess, pp.CLIP_MEAN, pp.CLIP_STD),
-                                         (pp.blip_preprocess, pp.CLIP_MEAN, pp.CLIP_STD),
-                                         (pp.hyperscore_preprocess, pp.IMAGENET_MEAN, pp.IMAGENET_STD)])
+@pytest.mark.parametrize("fn,mean,std", [(pp.clip_preprocess, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+                                         (pp.blip_preprocess, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+                                         (pp.hyperscore_preprocess, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 def test_preprocess_normalises_and_resizes(fn, mean, std):
     x = torch.full((2, 3, 48, 48), 0.25)
     y = fn(x, 224)
