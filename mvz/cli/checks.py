@@ -45,7 +45,8 @@ def seed(value: int, count: int = 1, flag: str = "--seed") -> int:
     if value < 0:
         raise InputError(f"{flag} must be 0 or more, got {value}.", "Seeds are 0..2^63-1; prompt i uses seed + i.")
     if value + max(count - 1, 0) > SEED_MAX:
-        raise InputError(f"{flag} {value} + {count - 1} (one per prompt) passes 2^63-1.", "Pass a smaller --seed.")
+        what = f"{flag} {value} is above 2^63-1" if count <= 1 else f"{flag} {value} + {count - 1} (one per prompt) passes 2^63-1"
+        raise InputError(f"{what}.", "Pass a smaller --seed.")
     return value
 
 

@@ -27,7 +27,8 @@ def describe_os_error(exc: OSError) -> str | None:
     path = exc.filename or "a file"
     hint = ""
     try:
-        if exc.filename and os.path.abspath(exc.filename).startswith(str(mvz_home().absolute()) + os.sep):
+        home = str(mvz_home().absolute())
+        if exc.filename and (os.path.abspath(exc.filename) + os.sep).startswith(home + os.sep):
             hint = f" (it is under MVZ_HOME={mvz_home()}; point MVZ_HOME at a writable folder)"
     except OSError:
         pass

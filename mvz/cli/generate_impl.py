@@ -186,7 +186,7 @@ def run_generate(req: GenerateRequest) -> list[Path]:
         return []
 
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
     from mvz.atomic import save_image, write_json
     from mvz.models.loading import load_model, resolve_device, resolve_dtype
@@ -239,8 +239,8 @@ def run_generate(req: GenerateRequest) -> list[Path]:
     outputs: list[Path] = []
     summary = []
     total_steps = len(todo) * req.steps
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with output.progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                             TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("sampling", total=total_steps)
         for start in range(0, len(todo), req.batch_size):
             batch = todo[start : start + req.batch_size]

@@ -7,8 +7,10 @@ stdout carries results (paths written, tables, ``--json``); stderr carries progr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _level = NORMAL
@@ -45,3 +47,15 @@ def note(message: str) -> None:
     """One line on stderr unless --quiet (things the user should know: a truncated prompt, a skipped file)."""
     if _level > QUIET:
         print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def progress_bar(*columns, console) -> Iterator:
+    """A rich Progress that leaves its final state as one line when the work finishes, and nothing on an error
+    or an interruption (the error line stays the only line)."""
+    from rich.progress import Progress
+
+    progress = Progress(*columns, console=console, transient=True)
+    with progress:
+        yield progress
+    console.print(progress.make_tasks_table(progress.tasks))

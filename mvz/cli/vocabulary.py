@@ -1,7 +1,7 @@
 """One vocabulary across commands, and the old spellings kept for one release.
 
 Every command spells the same thing the same way (``--model``, ``--resolution``, ``--batch-size``,
-``--engines``, ``--rewards``, ``--reward-preset``, ``--overwrite``, ``--device`` default auto) and the short flags
+``--engines``, ``--rewards``, ``--reward-preset``, ``--device`` default auto) and the short flags
 mean one thing everywhere: ``-h`` help, ``-q`` quiet, ``-v`` verbose, ``-m`` model, ``-o`` output, ``-c`` config,
 ``-p`` prompt, ``-s`` set. The old spellings below still work until the next release: they are rewritten
 before parsing (so they stay out of ``--help``) and a note names the new one.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # command -> old spelling -> new spelling
 RENAMED: dict[str, dict[str, str]] = {
-    "export": {"--batch": "--batch-size", "--force": "--overwrite"},
+    "export": {"--batch": "--batch-size"},
     "bench": {"--batch": "--batch-size", "--engines-dir": "--engines"},
     "score": {"--reward": "--rewards", "-r": "--rewards", "--preset": "--reward-preset",
               "--rewards-preset": "--reward-preset", "-c": "--checkpoint"},
