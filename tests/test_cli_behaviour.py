@@ -187,38 +187,39 @@ def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 300) ->
     pytest.fail(f"child never printed {marker!r}: {''.join(seen)}")
 
 
-SIGNALS = [
-    # (signal, exit code, last line)
-    (signal.SIGINT, 130, "interrupted; nothing written"),
-    (signal.SIGTERM, 143, "interrupted; nothing written"),
-]
+# signal -> exit code, last stderr line:
+#   SIGINT  while one prompt samples      -> 130, "interrupted; nothing written"                  (and no file at all)
+#   SIGTERM after the first grid of a batch -> 143, "interrupted; K of N grids in g; resume with the same command plus
+#                                              --skip-existing"                                  (no temp file)
 
 
-@pytest.mark.parametrize("sig, code, line", SIGNALS, ids=["SIGINT", "SIGTERM"])
-def test_signal_during_generate_writes_nothing(tmp_path, tiny_model, sig, code, line):
+def test_sigint_during_generate_writes_nothing(tmp_path, tiny_model):
     proc = _spawn(["generate", "a chair", "--model", "tiny", "--steps", "50", "--out", "o.png", "--save-views", "-v",
                    "--device", "cpu"], tmp_path, Path(os.environ["MVZ_HOME"]))
     _wait_for_line(proc, "[mvz] sampling")
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
-    assert err.strip().splitlines()[-1] == line and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no grid, no view, no temp file
-
-
-def test_interrupted_batch_resumes_with_skip_existing(tmp_path, tiny_model):
-    """SIGINT once the first grid exists: exit 130 naming --skip-existing; the resumed run keeps that grid."""
-    (tmp_path / "p.txt").write_text("a cat\na dog\na frog\n" * 20, encoding="utf-8")
-    argv = ["generate", "--prompts", "p.txt", "--model", "tiny", "--steps", "4", "--out-dir", "g", "--device", "cpu"]
-    proc = _spawn([*argv, "-v"], tmp_path, Path(os.environ["MVZ_HOME"]))
-    _wait_for_line(proc, "[mvz] sampling prompts 2-2")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted; nothing written" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no grid, no view, no temp file
+
+
+def test_sigterm_during_a_batch_then_resume_with_skip_existing(tmp_path, tiny_model):
+    """SIGTERM once the first grid exists: exit 143 naming --skip-existing; the resumed run keeps that grid."""
+    (tmp_path / "p.txt").write_text("a cat\na dog\na frog\n" * 20, encoding="utf-8")
+    argv = ["generate", "--prompts", "p.txt", "--model", "tiny", "--steps", "2", "--out-dir", "g", "--device", "cpu"]
+    proc = _spawn([*argv, "-v"], tmp_path, Path(os.environ["MVZ_HOME"]))
+    _wait_for_line(proc, "[mvz] sampling prompts 2-2")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted; ") and "resume with the same command plus --skip-existing" in last, last
     done = sorted((tmp_path / "g").glob("*.png"))
     assert done and not list((tmp_path / "g").glob(".*")), "a finished grid and no temp files"
+    for extra in done[3:]:  # the resumed run below has the first 3 prompts only
+        extra.unlink()
+    done = done[:3]
     kept = {p: p.stat().st_mtime_ns for p in done}
 
     # the same command without a policy refuses; with --skip-existing it makes only the rest (3 prompts here)
@@ -231,8 +232,31 @@ def test_interrupted_batch_resumes_with_skip_existing(tmp_path, tiny_model):
     assert proc.returncode == 0, err
     assert {p: p.stat().st_mtime_ns for p in done} == kept
     assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == ["000_a-cat.png", "001_a-dog.png", "002_a-frog.png"]
-    assert "3/3 steps" in err or "4/4 steps" in err or "steps" in err  # the progress bar leaves its final line
+    assert f"{2 * (3 - len(done))}/{2 * (3 - len(done))} steps" in err  # the progress bar leaves its final line
     assert out.count("wrote") == 3 - len(done)
+
+
+SLOW_SIGNALS = [
+    # (id, argv, marker to wait for, exit code, last line (with {cwd}), what must not exist afterwards)
+    ("export-SIGINT", ["export", "--model", "tiny", "--onnx-only", "--out", "exp", "-v", "--device", "cpu"],
+     "[mvz] export stage unet: export started", 130, "interrupted; nothing written", ["exp"]),
+    ("train-SIGINT", ["train", "--preset", "tiny", "--run-dir", "run", "--device", "cpu", "-v"],
+     "[mvz] run folder run", 130, "interrupted; resume with: mvz train --resume run", ["run/epoch_0"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id, argv, marker, code, line, absent", SLOW_SIGNALS, ids=[c[0] for c in SLOW_SIGNALS])
+def test_sigint_during_export_and_train(tmp_path, tiny_model, case_id, argv, marker, code, line, absent):
+    proc = _spawn(argv, tmp_path, Path(os.environ["MVZ_HOME"]))
+    _wait_for_line(proc, marker)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err
+    for rel in absent:
+        assert not (tmp_path / rel).exists(), rel
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".cache"]  # no temp folder
 
 
 # ---- folders a user may not write ---------------------------------------------------------------------------------
@@ -338,6 +362,8 @@ VOCABULARY = [
     (["generate", "x", "-v", "--steps", "2"], ["--verbose", "generate", "x", "--steps", "2"], 0),
     (["train", "-p", "tiny", "-q"], ["--quiet", "train", "--preset", "tiny"], 1),
     (["generate", "--", "-v"], ["generate", "--", "-v"], 0),
+    (["score", "g.png", "-v", "4"], ["score", "g.png", "--views", "4"], 1),  # the old score -v N, for one release
+    (["score", "g.png", "-v"], ["--verbose", "score", "g.png"], 0),
 ]
 
 

@@ -14,12 +14,21 @@ def run_cli(args, capsys=None):
     return exc.value.code
 
 
-def test_generate_tiny_end_to_end(tmp_path, tiny_model):
+def test_generate_tiny_end_to_end(tmp_path, tiny_model, capsys):
     out = tmp_path / "out.png"
-    main(["generate", "a DSLR photo of a frog wearing a sweater", "--model", "tiny", "--seed", "42", "--steps", "4",
+    prompt = "a DSLR photo of a frog wearing a sweater" + ", highly detailed" * 30  # past the 77-token window
+    main(["generate", prompt, "--model", "tiny", "--seed", "42", "--steps", "4",
           "--out", str(out), "--save-views", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("the text encoders see the first 77") == 1, err  # noted once, as mvz score does
     grid = Image.open(out)
     assert grid.size == (6 * 64, 64)
+    # text metadata as diffusers / A1111 users expect (views carry it too)
+    assert {k: grid.text[k] for k in ("prompt", "seed", "steps", "model")} == {
+        "prompt": prompt, "seed": "42", "steps": "4", "model": "tiny"}
+    assert grid.text["parameters"].startswith(prompt + "\nSteps: 4, Sampler: LCM") and "Seed: 42" in grid.text["parameters"]
+    assert Image.open(tmp_path / "out_view0_az0.png").text["prompt"] == prompt
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
     views = sorted(tmp_path.glob("out_view*_az*.png"))
     assert len(views) == 6
     side = json.loads((tmp_path / "out.json").read_text())

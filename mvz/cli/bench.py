@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
         from bench.suite import BenchConfig, run_bench
 
         err = output.console(stderr=True)
+        _note_partial_results_on_interrupt(out)
         cfg = BenchConfig(
             model=model, random_weights=random_weights, device=None if device == "auto" else device,
             dtype=None if dtype == "auto" else dtype, height=height, width=width,
@@ -98,6 +99,14 @@ def register(app: typer.Typer) -> None:
         else:
             _summary(report, out)
         _fail_when_nothing_ran(report, out)
+
+
+def _note_partial_results_on_interrupt(out: Path) -> None:
+    """An interrupted bench writes no report, but an export into OUT/engines may already be there: say so."""
+    from mvz.cli import interrupts
+
+    if not (out / "report.json").exists():
+        interrupts.set_outcome(f"no report written; anything already in {out} (e.g. engines/) is kept")
 
 
 def _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,

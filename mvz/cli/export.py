@@ -84,6 +84,7 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
         def on_stage(stage: str, event: str, info: dict) -> None:
             if event == "start":
                 status.update(f"{stage}...")
+                output.log(f"export stage {stage} started")
             elif event == "done":
                 extra = ""
                 if "status" in info:

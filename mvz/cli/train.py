@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
             trainer = Trainer(cfg, target, resume=resume is not None, device=device,
                               echo=progress.console.print, hooks={"micro_step": on_micro})
             trainer.setup()
+            output.log(f"run folder {target}: epochs {trainer.start_epoch}..{t.num_epochs - 1}")
             left = (t.num_epochs - trainer.start_epoch) * t.batches_per_epoch * per_iter
             progress.update(task, total=left, completed=0, description=f"run {target}")
             summary = trainer.train()

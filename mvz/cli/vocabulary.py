@@ -31,10 +31,14 @@ def normalize(argv: list[str]) -> tuple[list[str], list[str]]:
     rest: list[str] = []
     command = None
     passthrough = False
-    for arg in argv:
+    for k, arg in enumerate(argv):
         if passthrough or arg == "--":
             passthrough = True
             rest.append(arg)
+            continue
+        if command == "score" and arg == "-v" and k + 1 < len(argv) and argv[k + 1].isdigit():
+            notes.append("-v now means --verbose; read as --views for this release (write --views).")
+            rest.append("--views")
             continue
         if arg in GLOBAL_FLAGS:
             flags.append(GLOBAL_FLAGS[arg])
