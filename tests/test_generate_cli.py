@@ -66,14 +66,14 @@ def test_generate_prompt_file_and_json(tmp_path, capsys, tiny_model):
     ],
 )
 def test_generate_bad_inputs_exit_2_without_output(tmp_path, capsys, args, needle, tiny_model):
-    out = tmp_path / "o.png"
+    out = tmp_path / "new" / "o.png"  # an early error must not leave an empty "new" folder either
     code = run_cli([*args, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob("*.png"))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_empty_prompt_file(tmp_path, capsys):
