@@ -137,7 +137,7 @@ def _todo(req: GenerateRequest, paths: list[Path]) -> list[int]:
     if existing and not (req.overwrite or req.skip_existing):
         first = paths[existing[0]]
         what = f"{first} already exists" if len(paths) == 1 else f"{len(existing)} of {len(paths)} grids exist (first {first})"
-        raise InputError(f"{what}.", "Pass --overwrite to replace, or --skip-existing to keep them and make the rest.")
+        raise InputError(f"{what}.", "Pass --overwrite to replace, or --skip-existing to keep what exists and make the rest.")
     if req.skip_existing:
         return [i for i in range(len(paths)) if i not in set(existing)]
     return list(range(len(paths)))
