@@ -1,6 +1,9 @@
 """Atomic writes: write to a temp file in the same folder, fsync, then rename.
 
-A killed run never leaves a half-written file under the final name.
+A killed run never leaves a half-written file under the final name. Temp names carry the writer's process id
+(``.NAME.<pid>.<random>.tmp``), so the next writer of the same name removes what a killed one (SIGKILL, power
+loss: no ``finally`` ran) left behind, and never a live writer's. Files and folders get the modes a plain
+``open``/``mkdir`` would (the umask decides), so a shared ``MVZ_HOME`` works for every user the umask allows.
 """
 
 from __future__ import annotations
@@ -15,11 +18,54 @@ from pathlib import Path
 from typing import Any
 
 
-def _new_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: 0666 minus the process umask."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0666 minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def _new_dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder: 0777 minus the process umask (mkdtemp makes 0700)."""
+    return 0o777 & ~_umask()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temp files/folders beside ``path`` left by writers of it that no longer run. Returns what went."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f".{path.name}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in siblings:
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            continue
+    return removed
 
 
 @contextlib.contextmanager
@@ -27,7 +73,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,11 +114,22 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | No
     return atomic_write(path, lambda p: save_file(contiguous, str(p), metadata=metadata))
 
 
-def save_image(path: str | os.PathLike, image) -> Path:
-    """Save a PIL image; the format is taken from the final suffix, not the temp name."""
+def save_image(path: str | os.PathLike, image, text: dict[str, str] | None = None) -> Path:
+    """Save a PIL image; the format is taken from the final suffix, not the temp name.
+
+    ``text``: PNG text chunks (prompt, seed, ... as diffusers/A1111 users expect); ignored for other formats.
+    """
     path = Path(path)
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    return atomic_write(path, lambda p: image.save(p, format=fmt))
+    extra = {}
+    if text and fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
+        extra["pnginfo"] = info
+    return atomic_write(path, lambda p: image.save(p, format=fmt, **extra))
 
 
 @contextlib.contextmanager
@@ -79,7 +137,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temp name beside ``path`` and rename it into place when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _new_dir_mode())
     try:
         yield tmp
         if path.exists():
@@ -99,16 +159,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def ensure_writable_dir(
     folder: str | os.PathLike, what: str = "output folder", fix: str = "Choose a folder you can write to."
 ) -> Path:
-    """Create ``folder`` if needed and check it can be written; a one-line MvzError otherwise.
+    """Check that ``folder`` can be created and written; a one-line MvzError otherwise.
 
-    Called before any long work starts, so a bad output location fails in a second, not after the run.
+    Called before any long work starts, so a bad output location fails in a second, not after the run. A missing
+    folder is not created (an early error must not leave an empty folder behind): its nearest existing parent
+    is probed instead, and the writer creates the folder when it has something to put in it.
     """
     from mvz.errors import InputError
 
     folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mvz-write-check.", dir=folder)
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(20, "a part of the path is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".mvz-write-check.", dir=probe_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

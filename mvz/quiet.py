@@ -1,4 +1,4 @@
-"""Keep library chatter (progress bars, dtype notices) out of mvz's own output."""
+"""Keep library chatter (progress bars, dtype notices) out of mvz's own output (``mvz --verbose`` keeps it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ _done = False
 
 def quiet_libraries() -> None:
     global _done
-    if _done:
+    if _done or os.environ.get("MVZ_VERBOSE") == "1":
         return
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -158,3 +158,15 @@ def test_missing_checkpoints_skip_quality_in_auto(tmp_path: Path):
     assert code == 0
     q = load_report(out / "report.json")["quality"]
     assert q["status"] == "skipped" and "pickscore" in q["reason"]
+
+
+def test_every_backend_skipped_exits_non_zero(tmp_path: Path, capsys):
+    """Nothing measured is a failure (exit 2, one line naming each backend's reason), not a green report."""
+    out = tmp_path / "r"
+    code = _run(["bench", "--model", "tiny", "--backends", "tensorrt", "--steps", "1", "--runs", "1", "--warmup", "0",
+                 "--no-fidelity", "--quality", "off", "--no-plots", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        next(ln for ln in err.splitlines() if ln.startswith("error: no backend ran (tensorrt skipped: "))]
+    assert "Traceback" not in err and (out / "report.json").is_file()  # the report keeps the reasons

@@ -42,8 +42,8 @@ def _grid(path, views=6, size=32, mode="RGB", width=None):
 
 def test_score_grid_json(home, tmp_path, capsys):
     grid = _grid(tmp_path / "grid.png")
-    code, out, err = run(["score", str(grid), "--prompt", "a red chair", "--reward", "pickscore", "--reward",
-                          "hyperscore", "--reward", "hpsv2", "--reward", "imagereward", "--preset", "tiny", "--json"],
+    code, out, err = run(["score", str(grid), "--prompt", "a red chair", "--rewards", "pickscore", "--rewards",
+                          "hyperscore", "--rewards", "hpsv2,imagereward", "--reward-preset", "tiny", "--json"],
                          capsys)
     assert code == 0, err
     data = json.loads(out)
@@ -58,7 +58,7 @@ def test_score_folder_table_and_truncation_note(home, tmp_path, capsys):
     folder.mkdir()
     for i in range(4):
         _grid(folder / f"view_{i}.png", views=1)
-    code, out, err = run(["score", str(folder), "-p", " ".join(["chair"] * 100), "-r", "hpsv2", "--preset", "tiny"],
+    code, out, err = run(["score", str(folder), "-p", " ".join(["chair"] * 100), "--rewards", "hpsv2", "--reward-preset", "tiny"],
                          capsys)
     assert code == 0, err
     assert "hpsv2" in out and "4 views" in out
@@ -83,7 +83,7 @@ def test_score_bad_input_exits_2(home, tmp_path, capsys, monkeypatch, case, need
         monkeypatch.setenv("MVZ_HOME", str(tmp_path / "empty"))
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
         args.append(str(_grid(tmp_path / "g.png")))
-    args += ["-p", "a chair", "-r", "hpsv2"] + ([] if case == "nockpt" else ["--preset", "tiny"])
+    args += ["-p", "a chair", "--rewards", "hpsv2"] + ([] if case == "nockpt" else ["--reward-preset", "tiny"])
     code, out, err = run(args, capsys)
     assert code == 2
     assert needle in err and "Traceback" not in err

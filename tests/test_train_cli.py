@@ -39,6 +39,12 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
                 "epoch_0/mvczigal_lcm_sdxl_lora.safetensors", "epoch_0/training_state.pt", "epoch_0/state.json"):
         assert (run / rel).is_file(), rel
     assert any((run / "tensorboard").iterdir())
+    from PIL import Image
+
+    sample = Image.open(run / "samples" / "epoch_0.png")
+    assert sample.text["rows"] == "standard, ZMV per prompt"
+    labels = sample.convert("L").crop((0, 0, 72, sample.height))  # the label column left of the views
+    assert sample.width == 72 + 6 * 64 and min(labels.getdata()) < 128, "each row is labelled"
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("loss", "approx_kl", "clipfrac", "lambda", "tau", "reward/standard/view_mean", "reward/zmv/joint_mean",
                 "reward/zmv/joint/geometry_mean"):
@@ -49,6 +55,15 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
     assert code == 0, err
     assert (run / "epoch_1" / "mvczigal_lcm_sdxl_lora.safetensors").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # a training state cut by a kill (or a full disk) names the folder to delete to resume from the one before
+    state = run / "epoch_1" / "training_state.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])
+    code, _, err = run_cli(["--resume", str(run), "--set", "training.num_epochs=3", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "epoch_1/training_state.pt is truncated or unreadable",
+                          f"Delete the folder {run / 'epoch_1'} to resume from epoch_0")
+    state.write_bytes(good)
 
     # resuming with another config is refused
     code, _, err = run_cli(["--resume", str(run), "--set", "training.lora_rank=8"], capsys)

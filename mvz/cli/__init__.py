@@ -2,7 +2,8 @@
 
 Thin by design: each command lives in ``mvz/cli/<name>.py`` (parse, call, print) and imports
 torch and the heavy modules inside its function, so ``mvz --help`` answers without importing torch.
-User errors (``MvzError``) print one line and exit 2, never a traceback.
+User errors (``MvzError``) print one line and exit 2, never a traceback; Ctrl-C exits 130 and SIGTERM 143,
+each with one line saying what was kept (``mvz.cli.interrupts``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,31 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import mvz
+
+        typer.echo(f"mvz {mvz.__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr (results still go to stdout). Before or after the command."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="A log line per stage, library messages on. Before or after the command."),
+) -> None:
     """Few-step text-to-multiview diffusion: train (MVC-ZigAL), export (ONNX/TensorRT), generate, bench."""
+    from mvz.cli import output
+    from mvz.errors import InputError
+
+    if quiet and verbose:
+        raise InputError("--quiet and --verbose contradict each other.", "Pass one of them.")
+    output.set_verbosity(output.QUIET if quiet else output.VERBOSE if verbose else output.NORMAL)
 
 
 for _name in COMMAND_MODULES:
@@ -41,18 +60,32 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mvz.cli import interrupts, output
+    from mvz.cli.failures import describe_os_error
+    from mvz.cli.vocabulary import normalize
     from mvz.errors import MvzError
 
+    argv, notes = normalize(list(sys.argv[1:] if argv is None else argv))
+    output.set_verbosity(output.NORMAL)
+    for note in notes:
+        output.note(note)
+    interrupts.install()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MvzError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", fg="yellow", err=True)
-        sys.exit(130)
+    except interrupts.Interrupted as stop:
+        typer.secho(interrupts.message(), fg="yellow", err=True)
+        sys.exit(stop.exit_code)
     except SystemExit:
         raise
+    except OSError as exc:  # a folder mvz may not write (read-only MVZ_HOME, --out, --run-dir), a full disk
+        line = describe_os_error(exc)
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", fg="red", err=True)
+        sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         click_exc, abort = _click_exception_types()
         if isinstance(exc, click_exc):
@@ -61,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:  # typer returns, rather than raises, a non-zero exit in this mode
+        if code == 130:  # a KeyboardInterrupt raised by code, not by our signal handler
+            typer.secho(interrupts.message(), fg="yellow", err=True)
+        sys.exit(code)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

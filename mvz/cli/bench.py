@@ -11,21 +11,22 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench(
-        model: str = typer.Option("tiny", "--model", help="tiny, sdxl-lcm, or an assembled model folder."),
+        model: str = typer.Option("sdxl-lcm", "--model", "-m", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
         random_weights: bool = typer.Option(False, "--random-weights", help="Full-size architecture from shipped configs, no download (latency only)."),
         backends: str = typer.Option("torch", "--backends", help="Comma-separated: torch, torch-compile, onnxruntime, tensorrt."),
         baseline: str = typer.Option(None, "--baseline", help="Backend the ratios are against (default: the first measured)."),
-        device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
-        dtype: str = typer.Option(None, "--dtype", help="fp16, bf16, fp32 (default: fp16 on GPU, fp32 on CPU)."),
-        height: int = typer.Option(None, "--height", help="Image height (default: the model's, 768 for sdxl-lcm)."),
-        width: int = typer.Option(None, "--width", help="Image width."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+        dtype: str = typer.Option("auto", "--dtype", help="fp16, bf16, fp32 or auto (fp16 on CUDA, fp32 on CPU)."),
+        resolution: int = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's, 768 for sdxl-lcm)."),
+        height: int = typer.Option(None, "--height", hidden=True, help="Old: image height (use --resolution)."),
+        width: int = typer.Option(None, "--width", hidden=True, help="Old: image width (use --resolution)."),
         views: int = typer.Option(6, "--views", help="Views per multiview set."),
         steps: int = typer.Option(8, "--steps", help="LCM sampling steps."),
         guidance: float = typer.Option(7.0, "--guidance", help="LCM guidance (w-embedding)."),
-        batch: int = typer.Option(1, "--batch", help="Prompts per timed generation."),
+        batch: int = typer.Option(1, "--batch-size", help="Prompts per timed generation (all their views in one UNet call)."),
         warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up runs per backend."),
         runs: int = typer.Option(20, "--runs", help="Timed runs per backend (median/p90/p99/min over them)."),
-        seed: int = typer.Option(0, "--seed", help="First seed (prompt i uses seed + i)."),
+        seed: int = typer.Option(42, "--seed", help="Seed of the first prompt (0..2^63-1); prompt i uses seed + i."),
         prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one a line (default: bench/prompts/objects.txt)."),
         latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
         fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Compare each backend with the reference."),
@@ -33,14 +34,15 @@ def register(app: typer.Typer) -> None:
         reference_dtype: str = typer.Option("fp32", "--reference-dtype", help="dtype of the eager torch reference."),
         quality: str = typer.Option("auto", "--quality", help="auto (skip when rewards are missing), on (fail), off."),
         quality_prompts: int = typer.Option(8, "--quality-prompts", help="Prompts scored per variant."),
-        rewards: str = typer.Option("pickscore,hpsv2,imagereward,hyperscore", "--rewards", help="Rewards for quality."),
+        rewards: list[str] = typer.Option(["pickscore,hpsv2,imagereward,hyperscore"], "--rewards",
+                                          help="Rewards for quality: pickscore, hpsv2, imagereward, hyperscore (comma-separated or repeated)."),
         reward_preset: str = typer.Option("auto", "--reward-preset", help="auto (tiny for the tiny model), tiny, none."),
         latency_reward: str = typer.Option("auto", "--latency-reward", help="Reward whose image encoder is timed (auto, none, NAME)."),
         zmv: bool = typer.Option(True, "--zmv/--no-zmv", help="Also score ZMV sampling."),
         lora: Path = typer.Option(None, "--lora", help="LoRA file: quality of base vs LoRA."),
         lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA scale for the LoRA variants."),
-        engines_dir: Path = typer.Option(None, "--engines-dir", help="Exported ONNX / TensorRT engines for the backends."),
-        export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX into OUT/engines when an ONNX backend needs it and --engines-dir is not given."),
+        engines_dir: Path = typer.Option(None, "--engines", help="Export/engine folder for the onnxruntime and tensorrt backends."),
+        export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX into OUT/engines when an ONNX backend needs it and --engines is not given."),
         peak_tflops: float = typer.Option(None, "--peak-tflops", help="Override the device's dense peak TFLOP/s."),
         threads: int = typer.Option(None, "--threads", help="torch CPU threads."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots and the contact sheet."),
@@ -63,28 +65,85 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(sanitize(cmp), indent=2) if as_json else render_compare(cmp, str(reports[0]), str(reports[1])))
             return
 
+        from mvz.cli import output
+        from mvz.cli.common import split_names
+
+        reward_names = split_names(rewards)
+        _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,
+                       fidelity_prompts, quality_prompts, peak_tflops)
+        height, width = height or resolution, width or resolution
+
         from bench.suite import BenchConfig, run_bench
 
+        err = output.console(stderr=True)
+        _note_partial_results_on_interrupt(out)
         cfg = BenchConfig(
-            model=model, random_weights=random_weights, device=device, dtype=dtype, height=height, width=width,
+            model=model, random_weights=random_weights, device=None if device == "auto" else device,
+            dtype=None if dtype == "auto" else dtype, height=height, width=width,
             views=views, steps=steps, guidance=guidance, batch=batch,
             backends=[b.strip() for b in backends.split(",") if b.strip()], baseline=baseline,
             reference_dtype=reference_dtype, warmup=warmup, runs=runs, seed=seed,
             prompts_file=str(prompts) if prompts else None, latency=latency, fidelity=fidelity,
             fidelity_prompts=fidelity_prompts, quality=quality, quality_prompts=quality_prompts,
-            rewards=[r.strip().lower() for r in rewards.split(",") if r.strip()],
+            rewards=reward_names,
             reward_preset=None if reward_preset == "none" else reward_preset,
             latency_reward=latency_reward, zmv=zmv, lora=str(lora) if lora else None, lora_scale=lora_scale,
             engines_dir=str(engines_dir) if engines_dir else None, export=export, peak_tflops=peak_tflops, threads=threads,
             plots=plots, out=str(out),
         )
-        report = run_bench(cfg, log=lambda m: typer.secho(m, err=True, fg="cyan"), argv=["mvz", *sys.argv[1:]])
+        report = run_bench(cfg, log=lambda m: err.print(m, style="cyan", highlight=False), argv=["mvz", *sys.argv[1:]])
         if as_json:
             from bench.report import sanitize
 
             typer.echo(json.dumps(sanitize(report), indent=2))
-            return
-        _summary(report, out)
+        else:
+            _summary(report, out)
+        _fail_when_nothing_ran(report, out)
+
+
+def _note_partial_results_on_interrupt(out: Path) -> None:
+    """An interrupted bench writes no report, but an export into OUT/engines may already be there: say so."""
+    from mvz.cli import interrupts
+
+    if not (out / "report.json").exists():
+        interrupts.set_outcome(f"no report written; anything already in {out} (e.g. engines/) is kept")
+
+
+def _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,
+                   fidelity_prompts, quality_prompts, peak_tflops) -> None:
+    """The same checks as generate's, before torch is imported."""
+    from mvz.cli import checks
+    from mvz.errors import InputError
+
+    if resolution is not None and (height is not None or width is not None):
+        raise InputError("--resolution and the old --height/--width were both given.", "Pass only --resolution.")
+    for flag, value in (("--resolution", resolution), ("--height", height), ("--width", width)):
+        checks.resolution(value, flag)
+    checks.at_least(views, "--views")
+    checks.steps(steps)
+    checks.finite(guidance, "--guidance", low=0.0, high=100.0)
+    checks.finite(lora_scale, "--lora-scale", low=-10.0, high=10.0)
+    checks.at_least(batch, "--batch-size")
+    checks.at_least(runs, "--runs")
+    checks.at_least(warmup, "--warmup", 0)
+    checks.at_least(fidelity_prompts, "--fidelity-prompts", 0)
+    checks.at_least(quality_prompts, "--quality-prompts")
+    checks.seed(seed, max(batch, fidelity_prompts, quality_prompts))
+    if peak_tflops is not None:
+        checks.finite(peak_tflops, "--peak-tflops", low=1e-3)
+    side = resolution or max(height or 0, width or 0) or None
+    checks.fits_memory(side, views, batch)
+
+
+def _fail_when_nothing_ran(report: dict, out: Path) -> None:
+    """A bench where every backend was skipped or failed measured nothing: say so and exit non-zero."""
+    from mvz.errors import BackendUnavailableError
+
+    statuses = report.get("backends", {})
+    if statuses and not any(b.get("status") == "ok" for b in statuses.values()):
+        why = "; ".join(f"{name} {b.get('status')}: {b.get('reason')}" for name, b in statuses.items())
+        raise BackendUnavailableError(f"no backend ran ({why}).",
+                                      f"The report in {out} records why; pick a backend that runs here (mvz info).")
 
 
 def _summary(report: dict, out: Path) -> None:

@@ -11,14 +11,14 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
         out: Path = typer.Option(..., "--out", help="Export folder (graphs, manifest, engines/)."),
-        model: str = typer.Option("tiny", "--model", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
+        model: str = typer.Option("sdxl-lcm", "--model", "-m", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
         lora: Path | None = typer.Option(None, "--lora", help="LoRA file (upstream PEFT layout) to fuse into the UNet."),
         lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength fused into the weights."),
         precision: str = typer.Option("fp16", "--precision", help="fp16 (TensorRT needs it: strongly typed) or fp32."),
         vae_precision: str | None = typer.Option(None, "--vae-precision", help="fp16|fp32; default fp16 only for fp16-fix/tiny VAEs."),
         views: int = typer.Option(6, "--views", help="Views per prompt (baked into the graphs)."),
         resolution: int | None = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's)."),
-        batch: int = typer.Option(1, "--batch", help="Prompts per call (the UNet sees batch x views rows)."),
+        batch: int = typer.Option(1, "--batch-size", help="Prompts per call (the UNet sees batch x views rows)."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Symbolic batch axis (static is faster for engines)."),
         onnx_only: bool = typer.Option(False, "--onnx-only", help="Stop after the ONNX graphs; build no engines."),
         refittable: bool = typer.Option(False, "--refittable", help="Build refittable engines (switch LoRAs without a rebuild)."),
@@ -43,24 +43,33 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
                onnx_only, refittable, timing_cache, workspace_gb, opt_level, opset, exporter, text_encoders,
                skip_parity, device, force, json_out, memory_check=True) -> None:
     import json
-    import sys
     import time
 
-    from rich.console import Console
     from rich.table import Table
 
+    from mvz.cli import output
     from mvz.errors import InputError
 
-    console = Console(stderr=json_out, width=None if sys.stdout.isatty() else 140)
+    console = output.console(stderr=json_out)
     if precision not in ("fp16", "fp32"):
         raise InputError(f"--precision must be fp16 or fp32, got {precision!r}.")
     if lora is not None and not lora.is_file():
         raise InputError(f"--lora {lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
     if not 0 <= opt_level <= 5:
         raise InputError(f"--opt-level must be 0..5, got {opt_level}.")
+    from mvz.cli import checks
+
+    checks.finite(lora_scale, "--lora-scale", low=-10.0, high=10.0)
+    checks.finite(workspace_gb, "--workspace", low=0.0625)
+    checks.at_least(views, "--views")
+    checks.at_least(batch, "--batch-size")
+    checks.resolution(resolution)
+    checks.fits_memory(resolution, views, batch)
     from mvz.atomic import ensure_writable_dir
 
     ensure_writable_dir(out.parent if out.parent != out else out, "export folder's parent")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file.", "Pass a folder path (it is created if missing).")
 
     from export.exporter import export_model
     from mvz.models.loading import load_model, resolve_device
@@ -80,6 +89,7 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
         def on_stage(stage: str, event: str, info: dict) -> None:
             if event == "start":
                 status.update(f"{stage}...")
+                output.log(f"export stage {stage} started")
             elif event == "done":
                 extra = ""
                 if "status" in info:

@@ -41,6 +41,8 @@ class GenerateRequest:
     engines: Path | None = None
     out: Path | None = None
     out_dir: Path | None = None
+    overwrite: bool = False
+    skip_existing: bool = False
     save_views: bool = False
     json_out: bool = False
 
@@ -50,25 +52,37 @@ def slugify(text: str, limit: int = 48) -> str:
     return slug[:limit].rstrip("-") or "prompt"
 
 
+def _check_cameras(req: GenerateRequest) -> int:
+    """The camera numbers, checked without torch. Returns the number of views."""
+    from mvz.cli import checks
+    from mvz.cli.common import parse_csv_floats
+
+    checks.elevation(req.elevation)
+    if req.azimuths:
+        az = checks.azimuths(parse_csv_floats(req.azimuths, "--azimuths"))
+        if not az:
+            raise InputError("--azimuths is empty.", "Give comma-separated degrees, e.g. 0,90,180,270.")
+        if req.views is not None and req.views != len(az):
+            raise InputError(f"--views {req.views} but {len(az)} --azimuths given.", "Drop --views or make them agree.")
+        return len(az)
+    if req.views is not None:
+        checks.at_least(req.views, "--views")
+    return 6 if req.views is None else req.views
+
+
 def _cameras(req: GenerateRequest):
     from mvz.cli.common import parse_csv_floats
     from mvz.models.cameras import CameraSet
 
     if req.azimuths:
-        az = tuple(parse_csv_floats(req.azimuths, "--azimuths"))
-        if not az:
-            raise InputError("--azimuths is empty.", "Give comma-separated degrees, e.g. 0,90,180,270.")
-        if req.views is not None and req.views != len(az):
-            raise InputError(f"--views {req.views} but {len(az)} --azimuths given.", "Drop --views or make them agree.")
-        return CameraSet(azimuths=az, elevation=req.elevation)
-    if req.views is not None and req.views < 1:
-        raise InputError(f"--views must be at least 1, got {req.views}.")
+        return CameraSet(azimuths=tuple(parse_csv_floats(req.azimuths, "--azimuths")), elevation=req.elevation)
     base = CameraSet.default(req.views)
     return CameraSet(azimuths=base.azimuths, elevation=req.elevation)
 
 
 def _check_request(req: GenerateRequest) -> list[str]:
-    """Everything that can be checked before loading a model. Returns the prompts."""
+    """Everything that can be checked before loading a model (and before importing torch). Returns the prompts."""
+    from mvz.cli import checks
     from mvz.prompts import read_prompt_file
 
     if req.prompt is not None and req.prompts_file is not None:
@@ -83,14 +97,26 @@ def _check_request(req: GenerateRequest) -> list[str]:
         prompts = [req.prompt.strip()]
     else:
         raise InputError("no prompt given.", 'Pass a prompt (mvz generate "a red chair") or --prompts FILE.')
-    if req.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {req.batch_size}.")
-    if req.resolution is not None and req.resolution < 1:
-        raise InputError(f"--resolution must be positive, got {req.resolution}.")
+    checks.steps(req.steps)
+    if req.zmv_steps < 1 or req.zmv_steps > req.steps:
+        raise InputError(f"--zmv-steps must be between 1 and --steps ({req.steps}), got {req.zmv_steps}.")
+    checks.at_least(req.batch_size, "--batch-size")
+    checks.resolution(req.resolution)
+    checks.seed(req.seed, len(prompts))
+    checks.finite(req.guidance, "--guidance", low=0.0, high=100.0)
+    checks.finite(req.lora_scale, "--lora-scale", low=-10.0, high=10.0)
+    views = _check_cameras(req)
+    checks.fits_memory(req.resolution, views, min(req.batch_size, len(prompts)))
+    if req.overwrite and req.skip_existing:
+        raise InputError("--overwrite and --skip-existing contradict each other.", "Pass one of them.")
     if req.backend not in BACKENDS:
         raise InputError(f"unknown backend {req.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
+    if req.out is not None and req.out.is_dir():
+        raise InputError(f"--out {req.out} is a folder.", f"Name a .png file (e.g. {req.out / 'out.png'}) or pass --out-dir {req.out}.")
     if req.out is not None and req.out.suffix.lower() != ".png":
         raise InputError(f"--out {req.out} must be a .png file.")
+    if req.out_dir is not None and req.out_dir.exists() and not req.out_dir.is_dir():
+        raise InputError(f"--out-dir {req.out_dir} is a file.", "Pass a folder (it is created if missing).")
     if req.lora is not None and not req.lora.exists():
         raise InputError(f"LoRA {req.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
     return prompts
@@ -116,46 +142,106 @@ def _create_backend_or_rebuild(create_backend, req: GenerateRequest, model, num_
     return create_backend(req.backend, model, engines_dir=folder, **kwargs)
 
 
+def grid_paths(req: GenerateRequest, prompts: list[str]) -> list[Path]:
+    """Where each prompt's grid goes (decided before anything runs, so existing files are refused up front)."""
+    if req.prompts_file is not None:
+        return [req.out_dir / f"{i:03d}_{slugify(text)}.png" for i, text in enumerate(prompts)]
+    if req.out_dir is not None and req.out is None:
+        return [req.out_dir / f"{slugify(prompts[0])}.png"]
+    return [req.out or Path("out.png")]
+
+
+def _todo(req: GenerateRequest, paths: list[Path]) -> list[int]:
+    """Indices of the prompts to generate under the output policy (refuse / --overwrite / --skip-existing)."""
+    existing = [i for i, p in enumerate(paths) if p.exists()]
+    if existing and not (req.overwrite or req.skip_existing):
+        first = paths[existing[0]]
+        what = f"{first} already exists" if len(paths) == 1 else f"{len(existing)} of {len(paths)} grids exist (first {first})"
+        raise InputError(f"{what}.", "Pass --overwrite to replace, or --skip-existing to keep what exists and make the rest.")
+    if req.skip_existing:
+        return [i for i in range(len(paths)) if i not in set(existing)]
+    return list(range(len(paths)))
+
+
+def png_text(entry: dict) -> dict[str, str]:
+    """PNG text chunks: prompt, seed, steps, model (and the A1111-style ``parameters`` line other tools read)."""
+    import mvz
+
+    res = entry["resolution"]
+    params = (f"{entry['prompt']}\nSteps: {entry['steps']}, Sampler: LCM, CFG scale: {entry['guidance']}, "
+              f"Seed: {entry['seed']}, Size: {res}x{res}, Model: {entry['model']}")
+    if entry.get("lora"):
+        params += f", LoRA: {Path(entry['lora']).name}:{entry['lora_scale']}"
+    return {"prompt": entry["prompt"], "seed": str(entry["seed"]), "steps": str(entry["steps"]),
+            "guidance": str(entry["guidance"]), "model": entry["model"], "zmv": str(entry["zmv"]).lower(),
+            "parameters": params, "Software": f"mvz {mvz.__version__}"}
+
+
+def _note_truncated(model, prompts: list[str]) -> None:
+    """Say (once per prompt) when the text encoders will see only the first 77 tokens, as ``mvz score`` does."""
+    from mvz.cli.output import note
+
+    tok = model.tokenizer
+    limit = int(getattr(tok, "model_max_length", 77) or 77)
+    for text in dict.fromkeys(prompts):
+        n = len(tok(text, truncation=False)["input_ids"])
+        if n > limit:
+            short = text if len(text) <= 40 else text[:37] + "..."
+            note(f"prompt {short!r} has {n} tokens; the text encoders see the first {limit}.")
+
+
 def run_generate(req: GenerateRequest) -> list[Path]:
-    import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from mvz.atomic import ensure_writable_dir
+    from mvz.cli import checks, interrupts, output
 
-    from mvz.atomic import ensure_writable_dir, save_image, write_json
-    from mvz.models.loading import load_model, resolve_device, resolve_dtype
-    from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request, validate_sampling
-
-    prompts = _check_request(req)
-    cameras = _cameras(req)
-    validate_sampling(prompts, req.steps, cameras.num_views)  # before loading any model
-    if req.zmv_steps < 1 or req.zmv_steps > req.steps:
-        raise InputError(f"--zmv-steps must be between 1 and --steps ({req.steps}), got {req.zmv_steps}.")
+    prompts = _check_request(req)  # before loading any model, or even torch
+    paths = grid_paths(req, prompts)
+    todo = _todo(req, paths)
     if req.out_dir is not None:
         ensure_writable_dir(req.out_dir, "--out-dir")
     else:
         ensure_writable_dir((req.out or Path("out.png")).parent, "the folder of --out")
+    if not todo:
+        output.note(f"all {len(paths)} grids exist already (--skip-existing); nothing to do.")
+        return []
 
-    console = Console(stderr=True, quiet=req.json_out)
+    import torch
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    from mvz.atomic import save_image, write_json
+    from mvz.models.loading import load_model, resolve_device, resolve_dtype
+    from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request
+
+    cameras = _cameras(req)
+    console = output.console(stderr=True, quiet=req.json_out)
     device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype, device)
+    if device.type == "cuda" and req.resolution:
+        props = torch.cuda.get_device_properties(device)
+        checks.fits_memory(req.resolution, cameras.num_views, req.batch_size, props.total_memory, props.name)
 
     t_load = time.perf_counter()
-    model = load_model(
-        req.model,
-        base_model=req.base_model,
-        unet_model=req.unet_model,
-        vae_model=req.vae_model,
-        adapter=req.adapter,
-        random_weights=req.random_weights,
-        device=device,
-        dtype=dtype,
-        lora=str(req.lora) if req.lora else None,
-        lora_scale=req.lora_scale,
-    )
+    output.log(f"loading model {req.model} on {device}")
+    with console.status(f"loading model {req.model}..."):
+        model = load_model(
+            req.model,
+            base_model=req.base_model,
+            unet_model=req.unet_model,
+            vae_model=req.vae_model,
+            adapter=req.adapter,
+            random_weights=req.random_weights,
+            device=device,
+            dtype=dtype,
+            lora=str(req.lora) if req.lora else None,
+            lora_scale=req.lora_scale,
+        )
     load_s = time.perf_counter() - t_load
+    output.log(f"loaded {model.info.name} in {load_s:.1f}s")
     res = req.resolution or model.info.default_resolution
     # fail on bad sizes before any output is written
     validate_request(prompts, req.steps, cameras.num_views, res, res, model.resolution_multiple)
+    checks.fits_memory(res, cameras.num_views, req.batch_size)
+    _note_truncated(model, [prompts[i] for i in todo])
 
     if req.backend == "torch":
         pipe = MultiviewPipeline(model, num_views=cameras.num_views)
@@ -169,13 +255,15 @@ def run_generate(req: GenerateRequest) -> list[Path]:
 
     outputs: list[Path] = []
     summary = []
-    total_steps = len(prompts) * req.steps
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    total_steps = len(todo) * req.steps
+    with output.progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                             TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("sampling", total=total_steps)
-        for start in range(0, len(prompts), req.batch_size):
-            chunk = prompts[start : start + req.batch_size]
-            seeds = [req.seed + start + i for i in range(len(chunk))]
+        for start in range(0, len(todo), req.batch_size):
+            batch = todo[start : start + req.batch_size]
+            chunk = [prompts[i] for i in batch]
+            seeds = [req.seed + i for i in batch]  # a prompt keeps its seed when others are skipped
+            output.log(f"sampling prompts {batch[0] + 1}-{batch[-1] + 1} of {len(prompts)}")
             done = progress.tasks[task].completed
             result = pipe.sample(
                 chunk, seeds, steps=req.steps, guidance=req.guidance, cameras=cameras, height=res, width=res,
@@ -183,16 +271,8 @@ def run_generate(req: GenerateRequest) -> list[Path]:
                 on_step=lambda i, n, d=done, k=len(chunk): progress.update(task, completed=d + i * k),
             )
             for j, text in enumerate(chunk):
-                idx = start + j
-                if req.prompts_file is not None:
-                    grid_path = req.out_dir / f"{idx:03d}_{slugify(text)}.png"
-                elif req.out_dir is not None and req.out is None:
-                    grid_path = req.out_dir / f"{slugify(text)}.png"
-                else:
-                    grid_path = req.out or Path("out.png")
+                grid_path = paths[batch[j]]
                 views = result.images[j]
-                save_image(grid_path, images_to_grid(views))
-                outputs.append(grid_path)
                 entry = {
                     "prompt": text,
                     "seed": seeds[j],
@@ -215,26 +295,35 @@ def run_generate(req: GenerateRequest) -> list[Path]:
                     "timings": {"load_s": round(load_s, 4), **{k: round(v, 4) for k, v in result.timings.items()},
                                 "prompts_in_call": len(chunk)},
                 }
+                text_chunks = png_text(entry)
                 if req.save_views:
                     view_paths = []
                     for v, az in enumerate(cameras.azimuths):
                         vp = grid_path.with_name(f"{grid_path.stem}_view{v}_az{az:g}.png")
-                        save_image(vp, images_to_grid(views[v : v + 1]))
+                        save_image(vp, images_to_grid(views[v : v + 1]), text=text_chunks)
                         view_paths.append(str(vp))
                     entry["view_files"] = view_paths
                     write_json(grid_path.with_suffix(".json"), entry)
+                save_image(grid_path, images_to_grid(views), text=text_chunks)  # last: a grid marks a complete set
+                outputs.append(grid_path)
                 summary.append(entry)
+                if len(paths) > 1:
+                    interrupts.set_outcome(f"{len(paths) - len(todo) + len(outputs)} of {len(paths)} grids in "
+                                           f"{grid_path.parent}; resume with the same command plus --skip-existing")
+                else:
+                    interrupts.set_outcome(f"{grid_path} written")
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
     if req.json_out:
         print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2))
     else:
+        out = output.console(stderr=False)
         for entry in summary:
             t = entry["timings"]
-            console.quiet = False
-            Console().print(
+            out.print(
                 f"[green]wrote[/green] {entry['grid']}  ({len(cameras.azimuths)} views, {req.steps} steps, "
-                f"{entry['nfe']} UNet calls, denoise {t['denoise_s']:.2f}s, decode {t.get('decode_s', 0):.2f}s)"
+                f"{entry['nfe']} UNet calls, denoise {t['denoise_s']:.2f}s, decode {t.get('decode_s', 0):.2f}s)",
+                highlight=False,
             )
     return outputs

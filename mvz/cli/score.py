@@ -93,44 +93,52 @@ def register(app: typer.Typer) -> None:
     def score(
         source: Path = typer.Argument(..., help="A grid PNG (V views side by side, 1xV) or a folder of view images."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt the views were generated from."),
-        reward: list[str] = typer.Option(["pickscore", "hyperscore"], "--reward", "-r",
-                                         help="Reward(s): pickscore, hpsv2, imagereward, hyperscore. Repeat for several."),
-        views: int = typer.Option(None, "--views", "-v", help="Views in the grid (default 6; a folder gives its own count)."),
-        preset: str = typer.Option(None, "--preset", "--rewards-preset",
+        reward: list[str] = typer.Option(["pickscore,hyperscore"], "--rewards",
+                                         help="Rewards: pickscore, hpsv2, imagereward, hyperscore (comma-separated or repeated)."),
+        views: int = typer.Option(None, "--views", help="Views in the grid (default 6; a folder gives its own count)."),
+        preset: str = typer.Option(None, "--reward-preset",
                                    help="'tiny': random tiny reward weights in the original formats (no download)."),
-        checkpoint: list[str] = typer.Option([], "--checkpoint", "-c",
+        checkpoint: list[str] = typer.Option([], "--checkpoint",
                                              help="NAME=PATH: an explicit checkpoint file or folder for one reward."),
         hyperscore_views: str = typer.Option("native", "--hyperscore-views",
                                              help="How HyperScore sees the views: native (as given, like MVC-ZigAL) or ring4 (azimuths 0/90/180/270)."),
         white_background: bool = typer.Option(False, "--white-background",
                                               help="HyperScore only: recolour a flat grey (0.5) background to white, as its training renders."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
     ) -> None:
         """Score a multiview set against a prompt with one or more reward models."""
         import json
         import logging
 
-        from rich.console import Console
+        from mvz.cli import output
+        from mvz.cli.common import split_names
+
+        if not prompt.strip():
+            raise InputError("the prompt is empty.", "Pass --prompt with the text the views were generated from.")
+        if views is not None and views < 1:
+            raise InputError(f"--views must be at least 1, got {views}.")
+        ckpts = _parse_checkpoints(checkpoint)
+        names = split_names(reward)
+        if not names:
+            raise InputError("--rewards is empty.", "Name at least one: pickscore, hpsv2, imagereward, hyperscore.")
+        if not source.exists():
+            raise InputError(f"{source} does not exist.", "Pass a grid PNG or a folder of view PNGs.")
 
         from mvz.rewards import load_reward
 
         logging.getLogger("mvz.rewards").addHandler(logging.NullHandler())
-        err = Console(stderr=True)
-        if not prompt.strip():
-            raise InputError("the prompt is empty.", "Pass --prompt with the text the views were generated from.")
-        ckpts = _parse_checkpoints(checkpoint)
-        names = [n.strip().lower() for n in reward]
+        err = output.console(stderr=True)
         unknown = sorted(set(ckpts) - set(names))
         if unknown:
-            raise InputError(f"--checkpoint given for {', '.join(unknown)}, which is not scored.", "Add it with --reward.")
+            raise InputError(f"--checkpoint given for {', '.join(unknown)}, which is not scored.", "Add it with --rewards.")
         images = load_views(source, views)
         results, notices = {}, []
         for name in dict.fromkeys(names):
             kwargs = {}
             if name == "hyperscore":
                 kwargs = {"views": hyperscore_views, "white_background": white_background}
-            r = load_reward(name, ckpts.get(name), preset=preset, device=device, **kwargs)
+            r = load_reward(name, ckpts.get(name), preset=preset, device=None if device == "auto" else device, **kwargs)
             out = r.score(images, [prompt])
             notices += [m for m in getattr(r, "notices", []) if m not in notices]
             entry = {"kind": r.kind, "per_set": float(out.per_set[0]),
@@ -160,4 +168,4 @@ def register(app: typer.Typer) -> None:
                 detail = " ".join(f"{k}={v:.3f}" for k, v in e["sub_scores"].items())
                 detail += f"  [dim]({e.get('views', 'native')} views)[/]"
             table.add_row(name, f"{e['per_set']:.4f}", detail)
-        Console().print(table)
+        output.console(stderr=False).print(table)

@@ -5,6 +5,8 @@ Multi-GPU / multi-node: ``accelerate launch -m mvz train --preset lcm_sdxl_simpl
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
 
 import typer
@@ -13,7 +15,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
-        preset: str = typer.Option(None, "--preset", "-p", help="Training preset: tiny, lcm_sdxl_simple, lcm_sdxl_mate3d."),
+        preset: str = typer.Option(None, "--preset", help="Training preset: tiny, lcm_sdxl_simple, lcm_sdxl_mate3d."),
         config: Path = typer.Option(None, "--config", "-c", help="YAML config (applied over the preset, if any)."),
         overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, e.g. --set training.lr=5e-5 (repeatable)."),
         prompts: str = typer.Option(None, "--prompts", help="Prompt file (one per line) or shipped set name; sets prompts.prompt_set."),
@@ -68,18 +70,23 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(cfg.to_yaml().rstrip())
             return
+        from mvz.atomic import ensure_writable_dir
 
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        ensure_writable_dir(target, "--run-dir", fix="Pass --run-dir with a folder you can write to.")
 
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        from mvz.cli import output
         from mvz.train.trainer import Trainer
 
-        console = Console(stderr=True)
+        console = output.console(stderr=True)
+        new_folder = resume is None and not target.exists()
         t = cfg.training
         per_iter = t.sample_batch_size_per_gpu * t.num_sample_iters * t.num_inner_epochs * (
             t.num_inference_steps if t.train_last_step or t.num_inference_steps == 1 else t.num_inference_steps - 1)
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+        with _leftovers_guard(target, new_folder), output.progress_bar(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("setting up", total=None)
 
             def on_micro(info: dict) -> None:
@@ -88,6 +95,7 @@ def register(app: typer.Typer) -> None:
             trainer = Trainer(cfg, target, resume=resume is not None, device=device,
                               echo=progress.console.print, hooks={"micro_step": on_micro})
             trainer.setup()
+            output.log(f"run folder {target}: epochs {trainer.start_epoch}..{t.num_epochs - 1}")
             left = (t.num_epochs - trainer.start_epoch) * t.batches_per_epoch * per_iter
             progress.update(task, total=left, completed=0, description=f"run {target}")
             summary = trainer.train()
@@ -95,3 +103,22 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(summary, indent=2, default=float))
         else:
             typer.echo(f"done: {summary['run_dir']} (last checkpoint {summary['checkpoint']})")
+
+
+@contextlib.contextmanager
+def _leftovers_guard(target: Path, new_folder: bool):
+    """An interrupted run says how to resume; a new run that fails before its first epoch leaves no folder."""
+    from mvz.cli import interrupts
+    from mvz.errors import MvzError
+    from mvz.train.run import RUN_MARKER, RunDir
+
+    try:
+        yield
+    except interrupts.Interrupted:
+        if (target / RUN_MARKER).is_file():
+            interrupts.set_outcome(f"resume with: mvz train --resume {target}")
+        raise
+    except (MvzError, OSError):
+        if new_folder and target.is_dir() and not RunDir(target).checkpoints():
+            shutil.rmtree(target, ignore_errors=True)
+        raise

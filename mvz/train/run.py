@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mvz.atomic import atomic_dir, write_json, write_text
-from mvz.errors import ConfigError, InputError
+from mvz.errors import CheckpointError, ConfigError, InputError
 from mvz.models.lora import LORA_FILENAME
 from mvz.train.config import TrainConfig, config_from_yaml_text, flatten
 
@@ -54,7 +54,15 @@ class Checkpoint:
         return self.path / LORA_FILENAME
 
     def load_state(self) -> dict[str, Any]:
-        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+        """The training state; a truncated or corrupt file is a one-line error naming the folder to delete."""
+        path = self.path / STATE_FILE
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch reports a cut file as RuntimeError, EOFError or UnpicklingError
+            before = f"resume from epoch_{self.epoch - 1}" if self.epoch > 0 else "start the run again"
+            raise CheckpointError(
+                f"training state {path} is truncated or unreadable ({type(exc).__name__}).",
+                f"Delete the folder {self.path} to {before} with the same --resume command.") from None
 
 
 class RunDir:

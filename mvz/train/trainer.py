@@ -469,7 +469,6 @@ class Trainer:
         """Standard (row 1) vs ZMV (row 2) views of the fixed logging prompts; saved as samples/epoch_K.png."""
         acc = self.accelerator
         if acc.is_main_process:
-            from PIL import Image
 
             from mvz.atomic import save_image
             from mvz.models.cameras import CameraSet
@@ -484,12 +483,10 @@ class Trainer:
                 std = self.pipeline.sample(prompts, seeds, **kw).images
                 zmv = self.pipeline.sample(prompts, seeds, zmv=True, zmv_steps=t.zmv_steps, zmv_repeats=t.zmv_repeats, **kw).images
             strips = [images_to_grid(imgs[i]) for i in range(len(prompts)) for imgs in (std, zmv)]
-            grid = Image.new("RGB", (strips[0].width, sum(s.height for s in strips)))
-            y = 0
-            for s in strips:
-                grid.paste(s, (0, y))
-                y += s.height
-            save_image(self.run.sample_file(epoch), grid)
+            labels = [f"{kind}\nprompt {i}" for i in range(len(prompts)) for kind in ("standard", "ZMV")]
+            grid = _labelled_rows(strips, labels)
+            save_image(self.run.sample_file(epoch), grid,
+                       text={f"prompt {i}": p for i, p in enumerate(prompts)} | {"rows": "standard, ZMV per prompt"})
             if self.writer is not None:
                 import numpy as np
 
@@ -527,3 +524,20 @@ class Trainer:
             self.echo(f"saved {path}")
         acc.wait_for_everyone()
         return path
+
+
+SAMPLE_LABEL_WIDTH = 72  # px left of each sample row, for its label
+
+
+def _labelled_rows(strips, labels):
+    """Stack image strips as rows, each with its label (e.g. "standard" / "ZMV") written at its left."""
+    from PIL import Image, ImageDraw
+
+    grid = Image.new("RGB", (SAMPLE_LABEL_WIDTH + strips[0].width, sum(s.height for s in strips)), "white")
+    draw = ImageDraw.Draw(grid)
+    y = 0
+    for strip, label in zip(strips, labels, strict=True):
+        grid.paste(strip, (SAMPLE_LABEL_WIDTH, y))
+        draw.multiline_text((4, y + 4), label, fill="black")
+        y += strip.height
+    return grid
