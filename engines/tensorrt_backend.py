@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
-from export.manifest import ExportManifest, now_iso, read_manifest, sha256_file
+from export.manifest import ExportManifest, now_iso, read_manifest, refuse_quantized_refit, sha256_file
 from mvz.errors import BackendUnavailableError, CheckpointError, ManifestMismatchError, ModelNotFoundError
 
 ENGINE_MANIFEST = "mvz_engines.json"
@@ -197,6 +197,8 @@ def build_engines(
         raise BackendUnavailableError(unavailable_reason(need_builder=True))
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    if manifest.quantization:  # Q/DQ graphs: level 4 (NVIDIA's demo and ModelOpt's trtexec recipe for int8/fp8)
+        opt_level = max(opt_level, 4)
     out = export_dir / ENGINES_SUBDIR
     out.mkdir(exist_ok=True)
     ident = gpu_identity()
@@ -397,6 +399,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
             "manifest": manifest.summary()}
+    if lora_differs:  # int8/fp8: calibrated for the exported weights, never refit or rebuilt silently
+        refuse_quantized_refit(manifest, model_lora_identity(model), export_dir)
     if lora_differs and not em.engines["unet"].refittable:
         return _rebuilt_backend(model, export_dir, manifest, em, "the UNet engine was built for another LoRA and is "
                                 "not refittable", rebuild, num_views=num_views, height=height, width=width, batch=batch,
@@ -444,6 +448,10 @@ def refit_unet_for_model(unet: TrtEngine, export_dir: Path, manifest: ExportMani
     """Refit the UNet engine to the model's current LoRA (or none) by weight name; falls back to an error
     that says to rebuild when TensorRT refuses."""
     import json
+
+    from engines.base import model_lora_identity
+
+    refuse_quantized_refit(manifest, model_lora_identity(model), export_dir)
 
     from export.fuse import fused_unet
     from export.refit_map import mapped_weights
