@@ -26,10 +26,13 @@ embeddings, first/last convs, residual shortcuts, transformer ``proj_out``):
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -255,13 +258,16 @@ def calibrated_unet(model, unet: nn.Module, spec: CalibrationSpec, *, model_fp: 
     wrapper = UNetWrapper(unet, spec.num_views, spec.height // f, spec.width // f).eval()
     if cache.is_file() and meta_path.is_file():
         _emit(on_stage, "calibrate", "skip", reason=f"reusing the saved calibration {cache.name}")
-        mto.restore(unet, str(cache))
+        with contextlib.redirect_stdout(sys.stderr):
+            mto.restore(unet, str(cache))
         figures = json.loads(meta_path.read_text(encoding="utf-8"))
         return CalibrationResult(unet, key, True, figures)
     _emit(on_stage, "calibrate", "start", prompts=len(spec.prompts), steps=spec.steps)
     t = time.perf_counter()
     loop, counter = sampler_forward_loop(model, wrapper, spec)
-    with torch.no_grad():
+    # ModelOpt prints progress ("Inserted N quantizers") to stdout: keep stdout for `--json`
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "<layer> is not calibrated, skip smoothing" for every Conv2d
         mtq.quantize(unet, modelopt_config(spec.precision, layers), forward_loop=loop)
     seconds = time.perf_counter() - t
     figures = {"prompts": len(spec.prompts), "prompts_sha256": prompts_hash(spec.prompts), "steps": spec.steps,
