@@ -114,19 +114,26 @@ def precision_rows(section: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def peak_mb(memory: dict | None) -> float | None:
+    """The headline peak of ``bench.timing.peak_memory_mb``: device memory in use on a GPU, else peak RSS."""
+    memory = memory or {}
+    return memory.get("device_used_mb", memory.get("process_peak_rss_mb"))
+
+
 def render_rows(rows: list[dict[str, Any]]) -> str:
     """Plain-text table: latency, memory, fidelity, reward deltas with 95 % intervals."""
     def num(x, spec):
         return "-" if x is None else spec.format(x)
 
-    lines = [f"{'precision':9s} {'backend':12s} {'e2e ms':>9s} {'UNet ms':>9s} {'latent err':>10s} "
+    lines = [f"{'precision':9s} {'backend':12s} {'e2e ms':>9s} {'UNet ms':>9s} {'peak MiB':>9s} {'latent err':>10s} "
              f"{'PSNR min':>8s} {'SSIM min':>8s}  reward deltas (95% CI)"]
     for r in rows:
         deltas = "; ".join(
             f"{k} {num(d['mean'], '{:+.4f}')} [{num(d['ci_low'], '{:+.4f}')}, {num(d['ci_high'], '{:+.4f}')}] vs {d['vs']}"
             for k, d in r["reward_delta"].items()) or "-"
         lines.append(f"{r['precision']:9s} {r['backend']:12s} {num(r['end_to_end_ms'], '{:9.1f}')} "
-                     f"{num(r['unet_step_ms'], '{:9.1f}')} {num(r['final_latent_rel_error'], '{:10.2e}')} "
+                     f"{num(r['unet_step_ms'], '{:9.1f}')} {num(peak_mb(r['peak_memory']), '{:9.0f}')} "
+                     f"{num(r['final_latent_rel_error'], '{:10.2e}')} "
                      f"{num(r['psnr_db_min'], '{:8.2f}')} {num(r['ssim_min'], '{:8.4f}')}  {deltas}")
     return "\n".join(lines)
 

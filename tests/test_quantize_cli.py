@@ -73,3 +73,20 @@ def test_int8_export_then_generate_with_onnxruntime_and_reexport_reuses_calibrat
     main(["generate", "a red car", "--model", "tiny", "--backend", "onnxruntime", "--engines", str(tmp_path / "a"),
           "--views", "2", "--steps", "2", "--device", "cpu", "--out", str(out)])
     assert out.is_file()
+
+
+@pytest.mark.slow
+def test_bench_precisions_exports_and_reports_each(tmp_path, capsys, monkeypatch, tiny_model):
+    monkeypatch.setenv("MVZ_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "calib.txt"
+    prompts.write_text("a red car\n")
+    main(["bench", "--model", "tiny", "--backends", "onnxruntime", "--precisions", "fp32,int8", "--views", "2",
+          "--steps", "1", "--quality", "off", "--warmup", "0", "--runs", "1", "--quality-prompts", "1",
+          "--calib-prompts", str(prompts), "--calib-steps", "1", "--device", "cpu", "--out", str(tmp_path / "b"),
+          "--json"])
+    section = json.loads(capsys.readouterr().out)
+    assert [r["precision"] for r in section["rows"]] == ["fp32", "int8"]
+    assert all(r["backend"] == "onnxruntime" and r["end_to_end_ms"] > 0 for r in section["rows"])
+    fp32, int8 = section["rows"]
+    assert fp32["final_latent_rel_error"] < 1e-3 < int8["final_latent_rel_error"]  # the fp32 graph ~ torch fp32
+    assert (tmp_path / "b" / "precision.json").is_file()
