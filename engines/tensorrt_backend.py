@@ -25,6 +25,7 @@ import torch
 
 from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
 from engines.tensorrt_manifest import EngineManifest, check_engines, find_engine_folder
+from export.manifest import refuse_quantized_refit
 from export.refit_map import RefitRefusedError
 from mvz.errors import BackendUnavailableError, CheckpointError, DeviceError, ManifestMismatchError
 
@@ -203,6 +204,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
             "manifest": manifest.summary(), "checks": {g: e.check for g, e in em.engines.items()}}
+    if lora_differs:  # int8/fp8: calibrated for the exported weights, never refit or rebuilt silently
+        refuse_quantized_refit(manifest, model_lora_identity(model), export_dir)
     if lora_differs and not em.engines["unet"].refittable:
         raise RefitRefusedError(f"the UNet engine in {eng_dir} was built for another LoRA and is not refittable.",
                                 "The engines are rebuilt for this LoRA (or build with mvz export --refittable).")

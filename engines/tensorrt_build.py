@@ -293,6 +293,8 @@ def build_engines(
     trt = _trt_builder()
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    if manifest.quantization:  # Q/DQ graphs: level 4 (NVIDIA's demo and ModelOpt's trtexec recipe for int8/fp8)
+        opt_level = max(opt_level, 4)
     out = export_dir / ENGINES_SUBDIR
     out.mkdir(exist_ok=True)
     ident = gpu_identity()

@@ -41,6 +41,7 @@ from export.manifest import (
 from mvz.errors import InputError, ManifestMismatchError, MvzError
 
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+QUANTIZED = ("int8", "fp8")  # ModelOpt Q/DQ UNet (export/quantize.py) over an fp16 (GPU) / fp32 (CPU) base
 StageCallback = Callable[[str, str, dict], None]  # (stage, "start" | "done" | "skip", info)
 
 
@@ -83,8 +84,8 @@ def _validate(model, num_views, height, width, batch, precision, vae_precision, 
     from export.onnx_export import EXPORTERS, MIN_OPSET
     from mvz.pipeline import validate_request
 
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be fp16 or fp32, got {precision!r}.")
+    if precision not in (*PRECISIONS, *QUANTIZED):
+        raise InputError(f"--precision must be fp16, fp32, int8 or fp8, got {precision!r}.")
     if vae_precision not in (None, *PRECISIONS):
         raise InputError(f"VAE precision must be fp16 or fp32, got {vae_precision!r}.")
     if batch < 1:
@@ -115,9 +116,10 @@ def _folder_state(out: Path, request: dict[str, Any], force: bool) -> ExportMani
         if have.dynamic_batch != request.get("_dynamic") or have.opset != request.get("_opset") \
                 or have.vae_precision != request.get("_vae_precision") or have.exporter != request.get("_exporter") \
                 or have.batch != request.get("batch") \
-                or (not have.dynamic_batch and vae_rows_of(have) != request.get("_vae_rows")):  # check_request lets a dynamic export serve any batch
-            raise ManifestMismatchError("export options differ (batch, dynamic batch, opset, exporter, VAE precision or "
-                                        "VAE views per call).")
+                or (not have.dynamic_batch and vae_rows_of(have) != request.get("_vae_rows")) \
+                or _calibration_key(have.quantization) != request.get("_calibration"):  # a dynamic export serves any batch
+            raise ManifestMismatchError("export options differ (batch, dynamic batch, opset, exporter, VAE precision, "
+                                        "VAE views per call or calibration).")
     except MvzError as err:
         if force:
             return None
@@ -149,13 +151,17 @@ def export_model(
     on_stage: StageCallback | None = None,
     vae_views: int | None = None,
     offload: bool = False,
+    calib_prompts: str | Path | None = None,
+    calib_steps: int | None = None,
 ) -> ExportResult:
     """Export ``model`` (a loaded MultiviewModel, left unchanged) with an optional LoRA fused in.
 
     ``precision`` is the UNet's; the VAE follows it when fp16 is safe for its weights (fp16-fix), else fp32
     (override with ``vae_precision``). The VAE decoder takes ``vae_views`` views per call (default
     ``mvz.pipeline.DEFAULT_VAE_VIEWS_PER_CALL``, at most batch x views): the decoder backends decode in chunks of
-    that many, which bounds the VAE's activation memory. Static shapes unless ``dynamic_batch``. Returns the folder and its
+    that many, which bounds the VAE's activation memory. ``int8``/``fp8`` quantize the UNet with ModelOpt
+    (``export.quantize``: calibrated by the sampler over ``calib_prompts`` for ``calib_steps``, cached) over an
+    fp16 (CUDA) or fp32 (CPU) base. Static shapes unless ``dynamic_batch``. Returns the folder and its
     manifest; ``reused`` when OUT already held exactly this export (nothing rewritten; ``force`` redoes it).
 
     Memory: a LoRA file is fused into the model's own UNet weights in place and restored bit for bit
@@ -185,9 +191,12 @@ def export_model(
     _validate(model, num_views, height, width, batch, precision, vae_precision, opset, exporter)
     if lora is not None and model.info.lora:
         raise InputError("the model already carries a LoRA and another one was given.", "Load the model without --lora, or export without it.")
+    quant = _quant_spec(model, precision, num_views, height, width, calib_prompts, calib_steps) \
+        if precision in QUANTIZED else None
+    base = quant.base_dtype if quant else precision
     if vae_precision is None:
-        vae_precision = "fp16" if precision == "fp16" and vae_fp16_safe(model) else "fp32"
-    unet_dtype, vae_dtype = PRECISIONS[precision], PRECISIONS[vae_precision]
+        vae_precision = "fp16" if base == "fp16" and vae_fp16_safe(model) else "fp32"
+    unet_dtype, vae_dtype = PRECISIONS[base], PRECISIONS[vae_precision]
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -198,7 +207,8 @@ def export_model(
     vae_rows = vae_rows_for(batch * num_views, vae_views)
     request = {"model_fp": fingerprint, "lora": lora_id, "num_views": num_views, "height": height, "width": width,
                "batch": batch, "precision": precision, "_dynamic": dynamic_batch, "_opset": opset,
-               "_vae_precision": vae_precision, "_exporter": exporter, "_vae_rows": vae_rows}
+               "_vae_precision": vae_precision, "_exporter": exporter, "_vae_rows": vae_rows,
+               "_calibration": _calibration_key(quant and {"calibration_prompts_sha256": _prompts_sha(quant), "calibration": {"steps": quant.steps}})}
     timings["hash_s"] = time.perf_counter() - t
     _stage(on_stage, "hash", "done", seconds=timings["hash_s"])
     existing = _folder_state(out, request, force)
@@ -216,24 +226,36 @@ def export_model(
             # ---- fuse + UNet -----------------------------------------------------------------------
             t = time.perf_counter()
             _stage(on_stage, "fuse", "start", lora=str(lora or model.info.lora or ""))
-            with _unet_to_export(model, lora, lora_scale, unet_dtype) as unet:
+            # quantization modifies the UNet in place, so it always works on a (fused) copy
+            with _unet_to_export(model, lora, lora_scale, unet_dtype, copy=quant is not None) as unet:
                 timings["fuse_s"] = time.perf_counter() - t
                 _stage(on_stage, "fuse", "done", seconds=timings["fuse_s"])
+                quantization, unet_export = None, export_graph
+                if quant is not None:  # the LoRA is fused first: ModelOpt calibrates the weights that ship
+                    from export.quantize import calibrated_unet, export_quantized_graph, quantization_record
+
+                    t = time.perf_counter()
+                    calib = calibrated_unet(model, unet, quant, model_fp=fingerprint, lora=lora_id, on_stage=on_stage)
+                    unet = calib.unet
+                    quantization = quantization_record(precision, quant, calib, str(calib_prompts) if calib_prompts else None)
+                    timings["calibrate_s"] = time.perf_counter() - t
+                    unet_export = export_quantized_graph(precision)
                 wrapper = UNetWrapper(unet, num_views, height // f, width // f).eval()
                 args = unet_example_inputs(model, unet_dtype, rows, height, width, device=device)
                 graphs["unet"] = _export_one(
                     "unet", wrapper, args, tmp, UNET_INPUTS, UNET_OUTPUTS, precision, opset, exporter, dynamic_batch,
                     [n for n in UNET_INPUTS if n != "timestep"], external_data, parity, on_stage, timings,
-                    export_graph, graph_io, check_graph_parity, device, offload=offload,
+                    unet_export, graph_io, check_graph_parity, device, offload=offload,
                 )
                 del wrapper, args
-                t = time.perf_counter()
-                _stage(on_stage, "refit map", "start")
-                refit = build_refit_map(tmp / "unet.onnx", unet)
-                write_json(tmp / REFIT_MAP_NAME, refit)
-                timings["refit_map_s"] = time.perf_counter() - t
-                _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
-                       shared=len(refit["shared"]), seconds=timings["refit_map_s"])
+                if quant is None:  # a quantized engine is never refit (a new LoRA needs a new calibration)
+                    t = time.perf_counter()
+                    _stage(on_stage, "refit map", "start")
+                    refit = build_refit_map(tmp / "unet.onnx", unet)
+                    write_json(tmp / REFIT_MAP_NAME, refit)
+                    timings["refit_map_s"] = time.perf_counter() - t
+                    _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
+                           shared=len(refit["shared"]), seconds=timings["refit_map_s"])
             del unet
 
             # ---- VAE decoder -----------------------------------------------------------------------
@@ -269,8 +291,8 @@ def export_model(
                        "random_weights": bool(model.info.random_weights)},
                 lora=lora_id, num_views=num_views, height=height, width=width, batch=batch,
                 dynamic_batch=dynamic_batch, precision=precision, vae_precision=vae_precision, opset=opset,
-                exporter=exporter, graphs=graphs, versions=library_versions(), refit_map=REFIT_MAP_NAME,
-                created=now_iso(),
+                exporter=exporter, graphs=graphs, versions=library_versions(),
+                refit_map=None if quant else REFIT_MAP_NAME, created=now_iso(), quantization=quantization,
             )
             manifest.save(tmp)
     except OSError as exc:
@@ -281,6 +303,30 @@ def export_model(
             ) from None
         raise
     return ExportResult(out, manifest, reused=False, timings=timings)
+
+
+def _quant_spec(model, precision, num_views, height, width, calib_prompts, calib_steps):
+    """The calibration recipe of a quantized export, checked before anything is written."""
+    from export.quantize import DEFAULT_CALIB_STEPS, CalibrationSpec, load_calib_prompts
+
+    base = "fp16" if torch.device(model.device).type == "cuda" else "fp32"
+    spec = CalibrationSpec(precision, load_calib_prompts(calib_prompts), calib_steps or DEFAULT_CALIB_STEPS,
+                           num_views=num_views, height=height, width=width, base_dtype=base)
+    spec.validate()
+    return spec
+
+
+def _prompts_sha(spec) -> str:
+    from export.quantize import prompts_hash
+
+    return prompts_hash(spec.prompts)
+
+
+def _calibration_key(quantization: dict | None) -> tuple | None:
+    """What decides whether an existing quantized export is this one: its calibration prompts and steps."""
+    if not quantization:
+        return None
+    return quantization.get("calibration_prompts_sha256"), (quantization.get("calibration") or {}).get("steps")
 
 
 class _FirstOutput(torch.nn.Module):
@@ -295,12 +341,12 @@ class _FirstOutput(torch.nn.Module):
 
 
 @contextmanager
-def _unet_to_export(model, lora, lora_scale: float, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+def _unet_to_export(model, lora, lora_scale: float, dtype: torch.dtype, copy: bool = False) -> Iterator[torch.nn.Module]:
     """The UNet to trace: the model's own, with a LoRA file fused in place (restored exactly afterwards);
-    a copy only for a UNet that carries PEFT layers or is in another dtype than the export's."""
+    a copy only for a UNet that carries PEFT layers, is in another dtype than the export's, or when ``copy``."""
     from export.fuse import fused_unet, lora_fused_in_place
 
-    if bool(getattr(model.unet, "peft_config", None)) or model.dtype != dtype:
+    if copy or bool(getattr(model.unet, "peft_config", None)) or model.dtype != dtype:
         yield fused_unet(model.unet, lora, lora_scale, dtype=dtype)
     elif lora is not None:
         with lora_fused_in_place(model.unet, lora, lora_scale) as unet:

@@ -168,7 +168,7 @@ class ExportManifest:
     width: int
     batch: int  # prompts per call (the UNet sees batch * num_views rows)
     dynamic_batch: bool
-    precision: str  # fp16 | fp32 (UNet)
+    precision: str  # fp16 | fp32 | int8 | fp8 (UNet)
     vae_precision: str
     opset: int
     exporter: str
@@ -178,6 +178,7 @@ class ExportManifest:
     created: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    quantization: dict[str, Any] | None = None  # int8/fp8: base dtype, calibration hash/prompts/figures (export.quantize)
 
     # ---- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -193,7 +194,7 @@ class ExportManifest:
             precision=d["precision"], vae_precision=d["vae_precision"], opset=int(d["opset"]), exporter=d["exporter"],
             graphs={k: GraphEntry.from_dict(v) for k, v in d["graphs"].items()}, versions=dict(d.get("versions", {})),
             refit_map=d.get("refit_map"), created=d.get("created", ""), format=d.get("format", FORMAT),
-            format_version=int(d.get("format_version", FORMAT_VERSION)),
+            format_version=int(d.get("format_version", FORMAT_VERSION)), quantization=d.get("quantization"),
         )
 
     def save(self, folder: str | Path) -> Path:
@@ -321,9 +322,27 @@ def check_request(
         raise ManifestMismatchError(f"{where} does not fit this request: {'; '.join(problems)}.", manifest.reexport_hint(folder))
 
 
+def refuse_quantized_refit(manifest: ExportManifest, lora: dict[str, Any] | None, folder: str | Path | None = None) -> None:
+    """A quantized (int8/fp8) UNet is calibrated for the weights it was exported with: switching its LoRA by
+    refit would run the new weights through the old scales. Refuse unless ``lora`` is the exported one."""
+    if not manifest.quantization:
+        return
+    have = manifest.lora
+    same = (have is None and lora is None) or (have is not None and lora is not None
+                                                and have.get("sha256") == lora.get("sha256")
+                                                and abs(float(have.get("scale", 1.0)) - float(lora.get("scale", 1.0))) <= 1e-6)
+    if not same:
+        raise ManifestMismatchError(
+            f"export {folder or ''} holds a {manifest.precision} UNet calibrated for "
+            f"{'no LoRA' if have is None else Path(have['path']).name}; a quantized engine cannot be refit with another "
+            "LoRA (a new LoRA needs re-calibration).",
+            f"Re-export with it: mvz export --precision {manifest.precision} --lora FILE --lora-scale S --out DIR.")
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for mod in ("mvz", "torch", "diffusers", "peft", "onnx", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon", "tensorrt"):
+    for mod in ("mvz", "torch", "diffusers", "peft", "onnx", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon", "tensorrt",
+                "modelopt"):
         try:
             m = __import__(mod)
             out[mod] = str(getattr(m, "__version__", "?"))

@@ -23,6 +23,10 @@ from mvz.errors import MvzError
 TOLERANCES: dict[str, tuple[float, float, float]] = {
     "fp32": (1e-3, 1e-4, 0.999999),
     "fp16": (5e-2, 5e-3, 0.9995),
+    # Q/DQ graph vs ModelOpt's fake-quant module: the same scales, but a value on a rounding boundary may land
+    # one quantization step apart (ORT rounds half to even) and that step propagates
+    "int8": (2.5e-1, 5e-2, 0.998),  # seen on tiny, 6 views: max 0.149, median 0.0206, cosine 0.99943
+    "fp8": (2.5e-1, 5e-2, 0.998),
 }
 
 
@@ -94,8 +98,8 @@ def check_graph_parity(
         out = run_onnx(path, feeds, providers)[0]
     except Exception as exc:  # ORT: NOT_IMPLEMENTED for fp16 kernels on CPU and friends
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        if precision == "fp16":
-            return {"status": "skipped", "reason": f"ONNX Runtime could not run the fp16 graph here: {msg}"}
+        if precision in ("fp16", "fp8"):
+            return {"status": "skipped", "reason": f"ONNX Runtime could not run the {precision} graph here: {msg}"}
         raise
     stats = compare(ref_np, out)
     tol = TOLERANCES[precision]

@@ -48,6 +48,9 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots and the contact sheet."),
         out: Path = typer.Option(Path("bench-report"), "--out", help="Report folder (must be writable)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report (or comparison) as JSON."),
+        precisions: str = typer.Option(None, "--precisions", help="Compare precisions side by side (e.g. fp32,fp16,int8,fp8): export each, run it with the first of --backends that exports (onnxruntime/tensorrt); latency, memory, fidelity vs fp32, reward deltas vs fp16."),
+        calib_prompts: Path = typer.Option(None, "--calib-prompts", help="With --precisions int8/fp8: calibration prompts (default: the shipped list)."),
+        calib_steps: int = typer.Option(None, "--calib-steps", help="With --precisions int8/fp8: calibration sampler steps."),
         compare: bool = typer.Option(False, "--compare", help="Compare two reports given as OLD.json NEW.json; measures nothing."),
         reports: list[Path] = typer.Argument(None, help="With --compare: OLD.json NEW.json.", show_default=False),
     ) -> None:
@@ -72,6 +75,9 @@ def register(app: typer.Typer) -> None:
         _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,
                        fidelity_prompts, quality_prompts, peak_tflops)
         height, width = height or resolution, width or resolution
+        if precisions:
+            _precision_bench(locals())
+            return
 
         from bench.suite import BenchConfig, run_bench
 
@@ -144,6 +150,34 @@ def _fail_when_nothing_ran(report: dict, out: Path) -> None:
         why = "; ".join(f"{name} {b.get('status')}: {b.get('reason')}" for name, b in statuses.items())
         raise BackendUnavailableError(f"no backend ran ({why}).",
                                       f"The report in {out} records why; pick a backend that runs here (mvz info).")
+
+
+def _precision_bench(opts: dict) -> None:
+    """``--precisions``: bench/precision.py over an ONNX backend, into OUT/precision.json."""
+    import json
+
+    from bench.precision import render_rows, run_precision_bench
+    from bench.report import sanitize
+    from bench.suite import shipped_prompts
+    from mvz.prompts import read_prompt_file
+
+    names = [b.strip() for b in opts["backends"].split(",") if b.strip() in ("onnxruntime", "tensorrt")]
+    prompts = read_prompt_file(opts["prompts"] or shipped_prompts("objects"))[: max(opts["quality_prompts"], 1)]
+    section = run_precision_bench(
+        model_name=opts["model"], precisions=[p.strip() for p in opts["precisions"].split(",") if p.strip()],
+        backend=names[0] if names else "onnxruntime", out=opts["out"], views=opts["views"],
+        resolution=opts["height"], steps=opts["steps"], guidance=opts["guidance"], prompts=prompts, seed=opts["seed"],
+        calib_prompts=str(opts["calib_prompts"]) if opts["calib_prompts"] else None, calib_steps=opts["calib_steps"],
+        rewards=[] if opts["quality"] == "off" else [r.lower() for r in opts["reward_names"]],
+        reward_preset=None if opts["reward_preset"] == "none" else opts["reward_preset"], device=opts["device"],
+        warmup=opts["warmup"], runs=opts["runs"], log=lambda m: typer.secho(m, err=True, fg="cyan"))
+    if opts["as_json"]:
+        typer.echo(json.dumps(sanitize(section), indent=2))
+        return
+    typer.echo(render_rows(section["rows"]))
+    for what, why in section["skipped"].items():
+        typer.echo(f"{what}: skipped ({why})")
+    typer.echo(f"report: {Path(opts['out']) / 'precision.json'}")
 
 
 def _summary(report: dict, out: Path) -> None:

@@ -14,7 +14,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("sdxl-lcm", "--model", "-m", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
         lora: Path | None = typer.Option(None, "--lora", help="LoRA file (upstream PEFT layout) to fuse into the UNet."),
         lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength fused into the weights."),
-        precision: str = typer.Option("fp16", "--precision", help="fp16 (TensorRT needs it: strongly typed) or fp32."),
+        precision: str = typer.Option("fp16", "--precision", help="fp16 (TensorRT needs it: strongly typed), fp32, or int8|fp8 (ModelOpt-quantized UNet)."),
+        calib_prompts: Path | None = typer.Option(None, "--calib-prompts", help="int8/fp8: calibration prompts, one a line (default: the shipped list)."),
+        calib_steps: int | None = typer.Option(None, "--calib-steps", help="int8/fp8: sampler steps per calibration prompt (default 8)."),
         vae_precision: str | None = typer.Option(None, "--vae-precision", help="fp16|fp32; default fp16 only for fp16-fix/tiny VAEs."),
         views: int = typer.Option(6, "--views", help="Views per prompt (baked into the graphs)."),
         resolution: int | None = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's)."),
@@ -40,8 +42,8 @@ def register(app: typer.Typer) -> None:
 
 
 def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views, resolution, batch, dynamic_batch,
-               onnx_only, refittable, timing_cache, workspace_gb, opt_level, opset, exporter, text_encoders,
-               skip_parity, device, force, json_out, memory_check=True) -> None:
+               onnx_only, calib_prompts=None, calib_steps=None, refittable, timing_cache, workspace_gb, opt_level, opset,
+               exporter, text_encoders, skip_parity, device, force, json_out, memory_check=True) -> None:
     import json
     import time
 
@@ -51,8 +53,11 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
     from mvz.errors import InputError
 
     console = output.console(stderr=json_out)
-    if precision not in ("fp16", "fp32"):
-        raise InputError(f"--precision must be fp16 or fp32, got {precision!r}.")
+    if precision not in ("fp16", "fp32", "int8", "fp8"):
+        raise InputError(f"--precision must be fp16, fp32, int8 or fp8, got {precision!r}.")
+    quantized = precision in ("int8", "fp8")
+    if quantized:
+        _check_quantized_request(precision, calib_prompts, calib_steps, refittable, onnx_only, device)
     if lora is not None and not lora.is_file():
         raise InputError(f"--lora {lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
     if not 0 <= opt_level <= 5:
@@ -75,7 +80,7 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
     from mvz.models.loading import load_model, resolve_device
 
     dev = resolve_device(device)
-    dtype = "fp16" if precision == "fp16" and dev.type == "cuda" else "fp32"
+    dtype = "fp16" if precision in ("fp16", "int8", "fp8") and dev.type == "cuda" else "fp32"
     stages: list[tuple[str, str, float | None]] = []
     t0 = time.perf_counter()
 
@@ -109,7 +114,7 @@ def run_export(*, out, model, lora, lora_scale, precision, vae_precision, views,
             mv, out, lora=lora, lora_scale=lora_scale, num_views=views, height=resolution, width=resolution,
             batch=batch, precision=precision, vae_precision=vae_precision, opset=opset, exporter=exporter,
             dynamic_batch=dynamic_batch, parity=not skip_parity, text_encoders=text_encoders, force=force,
-            on_stage=on_stage, offload=True,
+            on_stage=on_stage, offload=True, calib_prompts=calib_prompts, calib_steps=calib_steps,
         )
         del mv  # the torch model (already off the GPU: offload) is not needed for the engine builds
 
@@ -173,7 +178,7 @@ def _memory_plan(console, mv, dev, *, views, batch, resolution, precision, vae_p
         for enc in (mv.text_encoder, mv.text_encoder_2):
             if enc is not None:
                 enc.to("cpu")
-    vae_prec = vae_precision or ("fp16" if precision == "fp16" and vae_fp16_safe(mv) else "fp32")
+    vae_prec = vae_precision or ("fp16" if precision in ("fp16", "int8", "fp8") and vae_fp16_safe(mv) else "fp32")
     plan = export_plan(model_plan_request(mv, views=views, batch=batch, height=resolution, width=resolution,
                                           precision=precision, vae_precision=vae_prec,
                                           workspace_bytes=int(workspace_gb * GiB), build_engines=build, parity=parity))
@@ -186,6 +191,21 @@ def _memory_plan(console, mv, dev, *, views, batch, resolution, precision, vae_p
     console.print(f"[dim]plan[/] peak {plan.peak.total / GiB:.1f} GiB ({plan.peak.name}); {available / GiB:.1f} GiB available")
     if check:
         check_fits(plan, available, device=torch.cuda.get_device_name(dev))
+
+
+def _check_quantized_request(precision, calib_prompts, calib_steps, refittable, onnx_only, device) -> None:
+    """int8/fp8 input checks before any model is loaded or anything written (each one line, exit 2)."""
+    from export.quantize import check_precision_for_device, load_calib_prompts
+    from mvz.errors import InputError
+    from mvz.models.loading import resolve_device
+
+    if refittable:
+        raise InputError(f"--refittable does not apply to --precision {precision}: a quantized engine is never refit.",
+                         "Re-export with the LoRA instead (--lora FILE); drop --refittable.")
+    if calib_steps is not None and calib_steps < 1:
+        raise InputError(f"--calib-steps must be at least 1, got {calib_steps}.")
+    load_calib_prompts(calib_prompts)
+    check_precision_for_device(precision, resolve_device(device), build_engines=not onnx_only)
 
 
 def _fmt(figures: dict, key: str, spec: str) -> str:
