@@ -94,7 +94,8 @@ def create_app(service) -> FastAPI:
         except QueueFullError as err:
             m.requests.labels(status="429").inc()
             return _error(429, f"server busy: {err}.", **{"Retry-After": str(service.retry_after_s())})
-        status, response = await _answer(service, job, request, body.format)
+        timeout = min(body.timeout_s or service.timeout_s, service.timeout_s)
+        status, response = await _answer(service, job, request, body.format, timeout)
         m.requests.labels(status=str(status)).inc()
         if status == 200:
             m.observe_stage("total", time.perf_counter() - t0)
@@ -103,18 +104,18 @@ def create_app(service) -> FastAPI:
     return app
 
 
-async def _answer(service, job, request: Request, fmt: str) -> tuple[int, Response]:
+async def _answer(service, job, request: Request, fmt: str, timeout: float) -> tuple[int, Response]:
     m = service.metrics
     m.in_flight.inc()
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     result = asyncio.ensure_future(service.result(job))
     try:
-        done, _ = await asyncio.wait({result, watcher}, timeout=service.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({result, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if result not in done:
             service.abandon(job)
             if watcher in done:
                 return 499, _error(499, "client disconnected.")
-            return 504, _error(504, f"timed out after {service.timeout_s:g}s.")
+            return 504, _error(504, f"timed out after {timeout:g}s.")
         try:
             out = result.result()
         except BatchFailedError as err:

@@ -151,7 +151,6 @@ class ModelRunner:
 def load_runner(cfg: RunnerConfig) -> ModelRunner:
     """Load the model (and the engines) once. Raises MvzError subclasses for what the user can fix."""
     from mvz.models.loading import load_model, resolve_device, resolve_dtype
-    from mvz.pipeline import MultiviewPipeline
 
     if cfg.max_batch < 1:
         raise InputError(f"--max-batch must be at least 1, got {cfg.max_batch}.")
@@ -162,11 +161,19 @@ def load_runner(cfg: RunnerConfig) -> ModelRunner:
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=device, dtype=dtype, random_weights=cfg.random_weights,
                        lora=str(cfg.lora) if cfg.lora else None, lora_scale=cfg.lora_scale, **cfg.extra)
+    return make_runner(model, cfg, time.perf_counter() - t0)
+
+
+def make_runner(model, cfg: RunnerConfig, load_s: float = 0.0) -> ModelRunner:
+    """A runner over a loaded model: the backend of ``cfg`` (engines checked against their manifest)."""
+    from engines import create_backend
+    from mvz.pipeline import MultiviewPipeline
+
+    t0 = time.perf_counter()
     limits = Limits(model.info.default_resolution, model.resolution_multiple, cfg.max_views,
-                    lora_scale=cfg.lora_scale if cfg.lora else None)
+                    lora_scale=model.info.lora_scale if model.info.lora else None)
     max_batch = cfg.max_batch
     if cfg.backend in ("onnxruntime", "tensorrt"):
-        from engines import create_backend
         from export.manifest import read_manifest
 
         if cfg.engines is None:
@@ -177,14 +184,12 @@ def load_runner(cfg: RunnerConfig) -> ModelRunner:
         if not manifest.dynamic_batch:
             max_batch = manifest.batch  # a static graph: smaller batches are padded to it, never exceed it
         backend = create_backend(cfg.backend, model, engines_dir=cfg.engines, num_views=manifest.num_views,
-                                 height=manifest.height, width=manifest.width, batch=max_batch, device=device)
+                                 height=manifest.height, width=manifest.width, batch=max_batch, device=model.device)
     else:
-        from engines import create_backend
-
-        backend = create_backend(cfg.backend, model, num_views=6, device=device)
-        limits.lora_scale_settable = cfg.lora is not None
+        backend = create_backend(cfg.backend, model, num_views=6, device=model.device)
+        limits.lora_scale_settable = model.info.lora is not None
     pipe = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder)
     # the same backend description as mvz generate's sidecar
     info = {"name": "torch"} if cfg.backend == "torch" else {"name": backend.name, **dict(backend.info)}
-    return ModelRunner(model, pipe, info, limits, max_batch, device, dtype,
-                       time.perf_counter() - t0)
+    return ModelRunner(model, pipe, info, limits, max_batch, model.device, model.dtype,
+                       load_s + time.perf_counter() - t0)

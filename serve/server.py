@@ -73,3 +73,38 @@ def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
             raise fatal[0]
         return 1
     return 0
+
+
+class ThreadedServer:
+    """uvicorn in a background thread on loopback (tests, load-test dry runs); ``port=0`` picks a free port.
+
+    ``with ThreadedServer(app) as srv: httpx.get(srv.url + "/healthz")``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self.host = host
+        self._thread = None
+
+    @property
+    def url(self) -> str:
+        sock = self.server.servers[0].sockets[0]
+        return f"http://{self.host}:{sock.getsockname()[1]}"
+
+    def __enter__(self) -> ThreadedServer:
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=60)
