@@ -152,3 +152,19 @@ def test_fuzzed_requests_get_no_5xx():
                 case.call_and_validate(checks=[not_a_server_error])
 
             call()
+
+
+def test_load_test_reports_throughput_latency_and_batches():
+    import asyncio
+
+    from bench.load_test import format_report, run_load
+
+    runner = FakeRunner(max_batch=4)
+    with fake_server(runner, window_s=0.05, max_queue=16) as (url, _):
+        report = asyncio.run(run_load(url, clients=4, duration_s=1.0, body={"steps": 2, "views": 2}))
+    ran = [len(b) for b in runner.batches]
+    assert report["ok"] == report["requests"] == sum(ran) > 0 and report["errors"] == {}
+    assert report["batch_sizes"] == {k: ran.count(k) for k in set(ran)}
+    assert max(report["batch_sizes"]) > 1
+    assert report["latency_s"]["p50"] <= report["latency_s"]["p99"]
+    assert "req/s" in format_report(report)
