@@ -23,16 +23,27 @@ from bench.stats import percentile
 PROMPTS = ("a red chair", "a blue ceramic mug", "a wooden toy robot", "a green desk lamp")
 
 
-def batch_histogram(metrics_text: str) -> dict[int, int]:
-    """Batches per size from the cumulative ``mvz_batch_size`` buckets of a Prometheus text page."""
+def _samples(metrics_text: str, family_name: str):
     from prometheus_client.parser import text_string_to_metric_families
 
-    cumulative: dict[float, float] = {}
     for family in text_string_to_metric_families(metrics_text):
-        if family.name == "mvz_batch_size":
-            for s in family.samples:
-                if s.name == "mvz_batch_size_bucket" and s.labels["le"] != "+Inf":
-                    cumulative[float(s.labels["le"])] = s.value
+        if family.name == family_name:
+            yield from family.samples
+
+
+def stage_totals(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """stage -> (sum of seconds, count) of the server's ``mvz_stage_seconds`` histograms."""
+    out: dict[str, list[float]] = {}
+    for s in _samples(metrics_text, "mvz_stage_seconds"):
+        if s.name.endswith(("_sum", "_count")):
+            out.setdefault(s.labels["stage"], [0.0, 0.0])[0 if s.name.endswith("_sum") else 1] = s.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def batch_histogram(metrics_text: str) -> dict[int, int]:
+    """Batches per size from the cumulative ``mvz_batch_size`` buckets of a Prometheus text page."""
+    cumulative = {float(s.labels["le"]): s.value for s in _samples(metrics_text, "mvz_batch_size")
+                  if s.name == "mvz_batch_size_bucket" and s.labels["le"] != "+Inf"}
     hist, below = {}, 0.0
     for le in sorted(cumulative):
         hist[int(le)] = int(cumulative[le] - below)
@@ -58,12 +69,14 @@ async def run_load(url: str, clients: int, duration_s: float, body: dict, timeou
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
         (await http.get("/healthz")).raise_for_status()
-        before = batch_histogram((await http.get("/metrics")).text)
+        page = (await http.get("/metrics")).text
+        before, stages_before = batch_histogram(page), stage_totals(page)
         log: list[tuple[str, float]] = []
         t0 = time.perf_counter()
         await asyncio.gather(*(_client(http, i, body, t0 + duration_s, log) for i in range(clients)))
         wall = time.perf_counter() - t0
-        after = batch_histogram((await http.get("/metrics")).text)
+        page = (await http.get("/metrics")).text
+        after, stages_after = batch_histogram(page), stage_totals(page)
     ok = [dt for status, dt in log if status == "200"]
     views = body.get("views") or len(body.get("azimuths") or []) or 6
     hist = {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -74,7 +87,19 @@ async def run_load(url: str, clients: int, duration_s: float, body: dict, timeou
         "throughput_rps": round(len(ok) / wall, 4), "images_per_s": round(len(ok) * views / wall, 4),
         "latency_s": {f"p{q}": round(percentile(ok, q), 4) for q in (50, 90, 99)} if ok else {},
         "batch_sizes": {k: v for k, v in hist.items() if v},
+        "server_stage_mean_s": _stage_means(stages_before, stages_after),
     }
+
+
+def _stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds per observation of each server stage over the run (per request: queue, encode, total;
+    per batch: conditioning, denoise, decode)."""
+    means = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = round((total - t0) / (count - c0), 4)
+    return means
 
 
 def format_report(r: dict) -> str:
@@ -85,6 +110,7 @@ def format_report(r: dict) -> str:
         f"throughput {r['throughput_rps']:.3f} req/s  ({r['images_per_s']:.3f} images/s)",
         "latency " + ("  ".join(f"{k} {v:.3f} s" for k, v in lat.items()) if lat else "n/a (no successful request)"),
         "batch sizes " + ("  ".join(f"{k}: {v}" for k, v in sorted(r["batch_sizes"].items())) or "none"),
+        "server mean s " + "  ".join(f"{k} {v:.3f}" for k, v in r["server_stage_mean_s"].items()),
     ]
     return "\n".join(lines)
 

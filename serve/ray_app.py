@@ -183,9 +183,11 @@ def run_ray(cfg: RunnerConfig, opts: ServeOptions, replicas: int | None = None) 
 
     import ray
 
+    from serve.runner import check_config
     from serve.server import check_options
 
     check_options(opts)
+    check_config(cfg)
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": opts.host, "port": opts.port})
     serve.run(build_deployment(cfg, opts, replicas), name="mvz", route_prefix="/")

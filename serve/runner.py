@@ -148,14 +148,25 @@ class ModelRunner:
         return time.perf_counter() - t0
 
 
+def check_config(cfg: RunnerConfig) -> None:
+    """What can be checked before loading anything (so a typo fails in a second, not after the load)."""
+    from engines import BACKENDS
+
+    if cfg.max_batch < 1:
+        raise InputError(f"--max-batch must be at least 1, got {cfg.max_batch}.")
+    if cfg.backend not in BACKENDS:
+        raise InputError(f"unknown backend {cfg.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
+    if cfg.backend in ("onnxruntime", "tensorrt") and cfg.engines is None:
+        raise InputError(f"--backend {cfg.backend} needs --engines DIR (an mvz export folder).")
+    if cfg.lora is not None and not Path(cfg.lora).exists():
+        raise InputError(f"LoRA {cfg.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
+
+
 def load_runner(cfg: RunnerConfig) -> ModelRunner:
     """Load the model (and the engines) once. Raises MvzError subclasses for what the user can fix."""
     from mvz.models.loading import load_model, resolve_device, resolve_dtype
 
-    if cfg.max_batch < 1:
-        raise InputError(f"--max-batch must be at least 1, got {cfg.max_batch}.")
-    if cfg.lora is not None and not Path(cfg.lora).exists():
-        raise InputError(f"LoRA {cfg.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
+    check_config(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
@@ -176,8 +187,6 @@ def make_runner(model, cfg: RunnerConfig, load_s: float = 0.0) -> ModelRunner:
     if cfg.backend in ("onnxruntime", "tensorrt"):
         from export.manifest import read_manifest
 
-        if cfg.engines is None:
-            raise InputError(f"--backend {cfg.backend} needs --engines DIR (an mvz export folder).")
         manifest = read_manifest(Path(cfg.engines))
         limits.fixed_views, limits.fixed_resolution = manifest.num_views, manifest.height
         limits.max_views = manifest.num_views

@@ -6,7 +6,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from serve.runner import RunnerConfig, load_runner
+from serve.runner import RunnerConfig, check_config, load_runner
 
 
 @dataclass
@@ -47,6 +47,7 @@ def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
     import uvicorn
 
     check_options(opts)
+    check_config(cfg)
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fatal: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -168,3 +168,4 @@ def test_load_test_reports_throughput_latency_and_batches():
     assert max(report["batch_sizes"]) > 1
     assert report["latency_s"]["p50"] <= report["latency_s"]["p99"]
     assert "req/s" in format_report(report)
+    assert set(report["server_stage_mean_s"]) >= {"queue", "total", "encode"}
