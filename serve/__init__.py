@@ -6,5 +6,6 @@ schema.py    the request body and the checks that need the server's limits (erro
 service.py   the one-process service: queue -> worker thread, failures per batch, readiness
 app.py       the FastAPI routes: /v1/generate, /healthz, /metrics
 server.py    uvicorn with a graceful SIGTERM drain
+fake.py      a model-free runner (HTTP-layer tests, fuzzing)
 ray_app.py   the same API as a Ray Serve deployment (one replica per GPU, ``@serve.batch``)
 """

@@ -39,8 +39,8 @@ class GenerateBody(BaseModel):
     zmv_steps: int = Field(1, ge=1, le=50, description="Steps that zigzag when zmv is on (<= steps).")
     lora_scale: float | None = Field(None, ge=-10.0, le=10.0, allow_inf_nan=False,
                                      description="LoRA scale (torch backends with a LoRA only).")
-    timeout_s: float | None = Field(None, gt=0.0, le=3600.0, allow_inf_nan=False,
-                                    description="This request's timeout (at most the server's --timeout-s).")
+    timeout_s: float | None = Field(None, ge=1.0, le=3600.0, allow_inf_nan=False,
+                                    description="This request's timeout in seconds, 1 or more (at most the server's --timeout-s).")
     format: Literal["png", "json"] = Field("png", description="png: the 1xV grid; json: per-view PNGs (base64) + metadata.")
 
 

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -16,6 +17,8 @@ from serve.app import create_app
 from serve.runner import RunnerConfig, load_runner
 from serve.server import ThreadedServer
 from serve.service import LocalService
+
+pytestmark = pytest.mark.slow  # a second tiny model with a LoRA: ~40 s on 2 shared cores
 
 
 def _lora_file(tmp_path, model):
