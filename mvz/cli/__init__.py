@@ -14,6 +14,7 @@ import sys
 import typer
 
 COMMAND_MODULES = ("generate", "export", "train", "bench", "score", "info")
+COMMAND_MODULES += ("serve",)  # issue 14
 
 app = typer.Typer(
     name="mvz",
