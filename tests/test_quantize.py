@@ -124,6 +124,7 @@ def test_int8_onnxruntime_output_within_psnr_of_fp32(int8, tiny_model):
 
 # ---- calibration ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # two extra calibrations; CI runs it with -m slow
 def test_calibration_is_deterministic_for_a_seed(int8, tiny_model, tmp_path):
     first = _amax(int8["result"].unet)
     again = _amax(_calibrate(tiny_model, _spec(seed=7), tmp_path / "a").unet)

@@ -124,8 +124,14 @@ def test_resize_is_bicubic_antialiased_and_identity_at_size():
     assert torch.equal(pp.resize(x, 64), x)
     ref = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
     assert torch.allclose(pp.resize(x, 32), ref)
-    crop = pp.resize_shorter_center_crop(torch.rand(1, 3, 40, 80), 32)
-    assert crop.shape[-2:] == (32, 32)
+    # non-square views are squashed to the square input (MVC-ZigAL's tensor wrappers), never centre-cropped:
+    # the left and right quarters of a wide view still reach the reward
+    wide = torch.zeros(1, 3, 40, 80)
+    wide[..., :20] = 1.0
+    out = pp.clip_preprocess(wide, 32)
+    ref = pp.normalize(F.interpolate(wide, size=(32, 32), mode="bicubic", align_corners=False, antialias=True),
+                       pp.CLIP_MEAN, pp.CLIP_STD)
+    assert out.shape[-2:] == (32, 32) and torch.allclose(out, ref, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- HPSv2

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 
 def _free_port() -> int:
@@ -26,6 +27,7 @@ def _in_flight(url: str) -> float:
     return 0.0
 
 
+@pytest.mark.slow  # a real mvz serve subprocess (about 20 s); CI runs it with -m slow
 def test_sigterm_drains_in_flight_requests_and_exits_0():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -179,8 +179,12 @@ def _memory_plan(console, mv, dev, *, views, batch, resolution, precision, vae_p
             if enc is not None:
                 enc.to("cpu")
     vae_prec = vae_precision or ("fp16" if precision in ("fp16", "int8", "fp8") and vae_fp16_safe(mv) else "fp32")
+    from mvz.pipeline import DEFAULT_VAE_VIEWS_PER_CALL
+
+    # int8/fp8: the plan counts the fp16 base the calibration and the Q/DQ graph carry (an upper bound)
     plan = export_plan(model_plan_request(mv, views=views, batch=batch, height=resolution, width=resolution,
-                                          precision=precision, vae_precision=vae_prec,
+                                          precision="fp16" if precision in ("int8", "fp8") else precision,
+                                          vae_precision=vae_prec, vae_views_per_call=DEFAULT_VAE_VIEWS_PER_CALL,
                                           workspace_bytes=int(workspace_gb * GiB), build_engines=build, parity=parity))
     for s in plan.stages:
         console.print(f"[dim]plan[/] {s.name:<28} weights {s.weights / GiB:5.1f}  activations {s.activations / GiB:5.1f}"
