@@ -112,28 +112,16 @@ class ModelRunner:
 
     def metadata(self, key: BatchKey, work: Work, result, batch: int) -> dict[str, Any]:
         """The fields of ``mvz generate``'s JSON sidecar (no file paths: nothing is written)."""
+        from mvz.sidecar import generation_record
+
         info = self.model.info
-        return {
-            "prompt": work.prompt,
-            "seed": work.seed,
-            "steps": key.steps,
-            "guidance": key.guidance,
-            "zmv": key.zmv,
-            "zmv_steps": key.zmv_steps if key.zmv else 0,
-            "nfe": result.nfe,
-            "views": [{"azimuth": a, "elevation": key.elevation} for a in key.azimuths],
-            "resolution": key.resolution,
-            "model": info.name,
-            "model_sources": info.sources,
-            "random_weights": info.random_weights,
-            "lora": info.lora,
-            "lora_scale": (key.lora_scale if key.lora_scale is not None else info.lora_scale) if info.lora else None,
-            "backend": self.backend_info,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "timings": {"load_s": round(self.load_s, 4), **{k: round(v, 4) for k, v in result.timings.items()},
-                        "prompts_in_call": batch},
-        }
+        return generation_record(
+            prompt=work.prompt, seed=work.seed, steps=key.steps, guidance=key.guidance, zmv=key.zmv,
+            zmv_steps=key.zmv_steps, result=result, azimuths=key.azimuths, elevation=key.elevation,
+            resolution=key.resolution, model_info=info, lora=info.lora,
+            lora_scale=key.lora_scale if key.lora_scale is not None else info.lora_scale, backend=self.backend_info,
+            device=self.device, dtype=self.dtype, load_s=self.load_s, prompts_in_call=batch,
+        )
 
     def warmup(self) -> float:
         """Run one full-size batch once (allocations, autotuning, compiled graphs); returns seconds."""

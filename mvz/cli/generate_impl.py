@@ -211,6 +211,7 @@ def run_generate(req: GenerateRequest) -> list[Path]:
     from mvz.atomic import save_image, write_json
     from mvz.models.loading import load_model, resolve_device, resolve_dtype
     from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request
+    from mvz.sidecar import generation_record
 
     cameras = _cameras(req)
     console = output.console(stderr=True, quiet=req.json_out)
@@ -273,28 +274,13 @@ def run_generate(req: GenerateRequest) -> list[Path]:
             for j, text in enumerate(chunk):
                 grid_path = paths[batch[j]]
                 views = result.images[j]
-                entry = {
-                    "prompt": text,
-                    "seed": seeds[j],
-                    "grid": str(grid_path),
-                    "steps": req.steps,
-                    "guidance": req.guidance,
-                    "zmv": req.zmv,
-                    "zmv_steps": req.zmv_steps if req.zmv else 0,
-                    "nfe": result.nfe,
-                    "views": [{"azimuth": a, "elevation": cameras.elevation} for a in cameras.azimuths],
-                    "resolution": res,
-                    "model": model.info.name,
-                    "model_sources": model.info.sources,
-                    "random_weights": model.info.random_weights,
-                    "lora": str(req.lora) if req.lora else None,
-                    "lora_scale": req.lora_scale if req.lora else None,
-                    "backend": backend_info,
-                    "device": str(device),
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "timings": {"load_s": round(load_s, 4), **{k: round(v, 4) for k, v in result.timings.items()},
-                                "prompts_in_call": len(chunk)},
-                }
+                entry = generation_record(
+                    prompt=text, seed=seeds[j], grid=str(grid_path), steps=req.steps, guidance=req.guidance,
+                    zmv=req.zmv, zmv_steps=req.zmv_steps, result=result, azimuths=cameras.azimuths,
+                    elevation=cameras.elevation, resolution=res, model_info=model.info,
+                    lora=str(req.lora) if req.lora else None, lora_scale=req.lora_scale, backend=backend_info,
+                    device=device, dtype=dtype, load_s=load_s, prompts_in_call=len(chunk),
+                )
                 text_chunks = png_text(entry)
                 if req.save_views:
                     view_paths = []
