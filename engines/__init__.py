@@ -54,8 +54,7 @@ def create_backend(
     **options: Any,
 ) -> Backend:
     """Build a backend. ``options``: ``providers`` (onnxruntime: 'auto' | 'tensorrt' | 'cuda' | 'cpu' | list),
-    ``cuda_graph`` (tensorrt, default True), ``rebuild`` (tensorrt: rebuild for a LoRA that refit cannot switch,
-    default True), ``release_torch`` (tensorrt: move the model's torch UNet and VAE to the CPU and free their GPU
+    ``cuda_graph`` (tensorrt, default True), ``release_torch`` (tensorrt: move the model's torch UNet and VAE to the CPU and free their GPU
     memory once the engines serve, default True; the model's torch backends cannot run afterwards), ``compile_mode``, ``fused_qkv``, ``channels_last`` (torch
     variants). Raises BackendUnavailableError (one line, with the fix) when the backend cannot run here."""
     if name not in BACKENDS:
@@ -82,5 +81,4 @@ def create_backend(
         raise BackendUnavailableError(reason)
     return create_tensorrt_backend(model, engines_dir, num_views=num_views, height=height, width=width, batch=batch,
                                    device=device, cuda_graph=bool(options.get("cuda_graph", True)),
-                                   rebuild=bool(options.get("rebuild", True)),
                                    release_torch=bool(options.get("release_torch", True)))

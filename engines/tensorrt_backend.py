@@ -181,11 +181,11 @@ def gpu_identity(device: torch.device | None = None) -> tuple[str, str]:
 
 
 def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True,
-                            rebuild: bool = True, release_torch: bool = True) -> Backend:
+                            release_torch: bool = True) -> Backend:
     """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
     none) is served by refitting a refittable UNet engine; when that is impossible this raises
-    :class:`RefitRefusedError` (``rebuild`` is kept for the caller's signature: the CLI catches the error,
-    leaves the ``except`` block and rebuilds with ``engines.tensorrt_build.rebuild_for_model``)."""
+    :class:`RefitRefusedError`; the caller decides (``mvz generate`` catches it, leaves the ``except`` block and
+    rebuilds with ``engines.tensorrt_build.rebuild_for_model``)."""
     from engines.base import model_lora_identity, same_lora
 
     trt = _trt()
