@@ -7,8 +7,10 @@ from pathlib import Path
 
 
 def mvz_home() -> Path:
-    """``$MVZ_HOME``, default ``~/.cache/mvz``."""
-    return Path(os.environ.get("MVZ_HOME", Path.home() / ".cache" / "mvz")).expanduser()
+    """``$MVZ_HOME``, default ``~/.cache/mvz``. Set but empty counts as unset (as XDG does for its
+    variables), so ``MVZ_HOME=`` never means "the current folder"."""
+    home = os.environ.get("MVZ_HOME", "").strip()
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "mvz"
 
 
 def models_dir() -> Path:

@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     from mvz.cli.vocabulary import normalize
     from mvz.errors import MvzError
 
-    argv, notes = normalize(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = _first_undecodable(argv)
+    if bad is not None:
+        typer.secho(f"error: argument {bad + 1} holds bytes that are not valid UTF-8. Pass UTF-8 text "
+                    "(or put the prompt in a UTF-8 file and use --prompts).", fg="red", err=True)
+        sys.exit(2)
+    argv, notes = normalize(argv)
     output.set_verbosity(output.NORMAL)
     for note in notes:
         output.note(note)
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         click_exc, abort = _click_exception_types()
         if isinstance(exc, click_exc):
-            exc.show()
+            typer.secho(f"error: {_one_line_usage_error(exc)}", fg="red", err=True)
             sys.exit(exc.exit_code if isinstance(getattr(exc, "exit_code", None), int) else 2)
         if isinstance(exc, abort):
             sys.exit(1)
@@ -99,6 +105,24 @@ def main(argv: list[str] | None = None) -> None:
         if code == 130:  # a KeyboardInterrupt raised by code, not by our signal handler
             typer.secho(interrupts.message(), fg="yellow", err=True)
         sys.exit(code)
+
+
+def _first_undecodable(argv: list[str]) -> int | None:
+    """Index of the first argument Python decoded with surrogate escapes (invalid UTF-8 bytes), or None."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return i
+    return None
+
+
+def _one_line_usage_error(exc) -> str:
+    """Click prints usage, a hint and the error on 3-4 lines; the house style is one line with the hint."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "mvz"
+    return f"{message} (see '{path} --help' for the full usage)"
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -9,6 +9,7 @@ right. Loading is strict: missing or unexpected keys, or wrong shapes, are an er
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -69,11 +70,45 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, floa
             f"{path} is not a PEFT LoRA file (unexpected keys: {summarize_keys(odd or list(sd))}).",
             "Expected '<module>.lora_A.weight' / '<module>.lora_B.weight' keys as MVC-ZigAL saves them.",
         )
+    _check_lora_tensors(path, sd)
     ranks = {sd[k].shape[0] for k in a_keys}
     if len(ranks) != 1:
         raise CheckpointError(f"{path} mixes LoRA ranks {sorted(ranks)}; mvz expects one rank per file.")
-    alpha = float(meta["lora_alpha"]) if "lora_alpha" in meta else None
-    return sd, ranks.pop(), alpha
+    return sd, ranks.pop(), _read_alpha(path, meta)
+
+
+# A LoRA weight beyond fp16's largest finite value cannot be applied in the fp16 UNet or engines: it would
+# turn the image into inf/NaN (an all-black grid), so it is refused like a non-finite one.
+FP16_MAX = 65504.0
+
+
+def _check_lora_tensors(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Matrices of rank >= 1 holding finite values in fp16's range; the first offending key is named."""
+    for key, tensor in sd.items():
+        if tensor.dim() != 2 or 0 in tensor.shape:
+            raise CheckpointError(f"LoRA file {path}: {key} has shape {tuple(tensor.shape)}, not a rank >= 1 matrix.",
+                                  "The file is damaged or not a LoRA; re-save it.")
+        values = tensor.float()
+        if not bool(torch.isfinite(values).all()):
+            raise CheckpointError(f"LoRA file {path}: {key} holds NaN or inf values.",
+                                  "The LoRA diverged or the file is damaged; use an earlier epoch's LoRA.")
+        if float(values.abs().max()) > FP16_MAX:
+            raise CheckpointError(f"LoRA file {path}: {key} holds values beyond {FP16_MAX:g} (fp16's range).",
+                                  "The LoRA diverged; use an earlier epoch's LoRA.")
+
+
+def _read_alpha(path: Path, meta: dict[str, str]) -> float | None:
+    """``lora_alpha`` from the metadata: a finite positive number, or None when absent."""
+    if "lora_alpha" not in meta:
+        return None
+    try:
+        alpha = float(meta["lora_alpha"])
+    except ValueError:
+        alpha = float("nan")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"LoRA file {path}: metadata lora_alpha={meta['lora_alpha']!r} is not a positive finite number.",
+                              "Fix the metadata (alpha = rank means scale 1) or re-save the LoRA.")
+    return alpha
 
 
 def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> int:

@@ -1,0 +1,147 @@
+"""Hostile inputs (issue 22, first part): one ``error:`` line, exit 2, nothing written, never a silent success.
+
+Covered here: click's own usage errors, arguments that are not UTF-8, a set-but-empty ``MVZ_HOME``, prompts
+from standard input, and LoRA files with non-finite / out-of-range / malformed tensors or metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mvz.errors import CheckpointError, InputError
+
+
+def _mvz(argv: list, tmp_path: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "mvz", *argv], cwd=tmp_path, env=env, input=stdin,
+                          capture_output=True, timeout=600)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    err = result.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert result.returncode == 2, (result.returncode, err)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert b"Traceback" not in result.stderr
+    return err[0]
+
+
+USAGE_CASES = [
+    (["generate", "x", "--steps", "nan"], "--steps"),
+    (["generate", "x", "--seed", "1e3"], "--seed"),
+    (["generate", "x", "--views", "abc"], "--views"),
+    (["generate", "x", "--no-such-flag"], "--no-such-flag"),
+    (["generate", "x", "--steps"], "--steps"),
+    (["nosuchcmd"], "nosuchcmd"),
+]
+
+
+@pytest.mark.parametrize(("argv", "named"), USAGE_CASES, ids=[" ".join(a) for a, _ in USAGE_CASES])
+def test_click_usage_errors_are_one_line(argv, named, tmp_path):
+    line = _one_error_line(_mvz(argv, tmp_path))
+    assert named in line and "--help" in line
+
+
+def test_argument_with_invalid_utf8_is_one_line(tmp_path):
+    line = _one_error_line(_mvz(["generate", b"a \xff\xfe frog", "--model", "tiny"], tmp_path))
+    assert "argument 2" in line and "UTF-8" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_empty_mvz_home_is_the_default_not_the_current_folder(monkeypatch):
+    from mvz.paths import mvz_home
+
+    monkeypatch.setenv("MVZ_HOME", "")
+    assert mvz_home() == Path.home() / ".cache" / "mvz"
+    monkeypatch.setenv("MVZ_HOME", "  ")
+    assert mvz_home() == Path.home() / ".cache" / "mvz"
+    monkeypatch.setenv("MVZ_HOME", "/srv/mvz")
+    assert mvz_home() == Path("/srv/mvz")
+
+
+def test_prompts_from_stdin_dash(monkeypatch):
+    import io
+
+    from mvz.prompts import read_prompt_file
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfa frog\n# note\n\nan owl\n")))
+    assert read_prompt_file("-") == ["a frog", "an owl"]
+
+
+def test_prompts_from_a_pipe(tmp_path):
+    from mvz.prompts import read_prompt_file
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"printf 'a lamp\\n' > '{fifo}'"])
+    try:
+        assert read_prompt_file(fifo) == ["a lamp"]
+    finally:
+        writer.wait(timeout=30)
+
+
+def test_prompt_file_with_invalid_utf8_names_the_line(tmp_path):
+    from mvz.prompts import read_prompt_file
+
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"a frog\nan \xff owl\n")
+    with pytest.raises(InputError, match="line 2"):
+        read_prompt_file(bad)
+
+
+def _lora(a=None, b=None, meta=None) -> dict:
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd = {f"{key}.lora_A.weight": torch.randn(4, 32) if a is None else a,
+          f"{key}.lora_B.weight": torch.zeros(32, 4) if b is None else b}
+    return {"sd": sd, "meta": {"format": "pt", **(meta or {})}}
+
+
+BAD_LORAS = {
+    "nan-weight": (_lora(b=torch.full((32, 4), float("nan"))), "NaN or inf"),
+    "inf-weight": (_lora(a=torch.full((4, 32), float("inf"))), "NaN or inf"),
+    "huge-weight": (_lora(b=torch.full((32, 4), 1e30)), "fp16"),
+    "nan-alpha": (_lora(meta={"lora_alpha": "nan"}), "lora_alpha"),
+    "inf-alpha": (_lora(meta={"lora_alpha": "inf"}), "lora_alpha"),
+    "text-alpha": (_lora(meta={"lora_alpha": "eight"}), "lora_alpha"),
+    "zero-alpha": (_lora(meta={"lora_alpha": "0"}), "lora_alpha"),
+    "scalar-tensor": (_lora(a=torch.tensor(1.0)), "shape"),
+    "rank-0": (_lora(a=torch.zeros(0, 32), b=torch.zeros(32, 0)), "shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LORAS))
+def test_bad_lora_file_is_refused_naming_the_problem(case, tmp_path):
+    from mvz.models.lora import read_lora_file
+
+    lora, expected = BAD_LORAS[case]
+    path = tmp_path / "bad.safetensors"
+    save_file(lora["sd"], str(path), metadata=lora["meta"])
+    with pytest.raises(CheckpointError, match=expected) as info:
+        read_lora_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_good_lora_file_still_loads(tmp_path):
+    from mvz.models.lora import read_lora_file
+
+    lora = _lora(meta={"lora_alpha": "8"})
+    path = tmp_path / "ok.safetensors"
+    save_file(lora["sd"], str(path), metadata=lora["meta"])
+    sd, rank, alpha = read_lora_file(path)
+    assert (rank, alpha) == (4, 8.0) and len(sd) == 2
+
+
+def test_generate_with_nan_lora_writes_no_image(tmp_path):
+    lora = _lora(b=torch.full((32, 4), float("nan")))
+    path = tmp_path / "nan.safetensors"
+    save_file(lora["sd"], str(path), metadata=lora["meta"])
+    line = _one_error_line(_mvz(["generate", "a frog", "--model", "tiny", "--lora", str(path), "--steps", "1",
+                                 "--out", "grid.png", "--save-views"], tmp_path))
+    assert "NaN or inf" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
