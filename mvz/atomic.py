@@ -132,6 +132,17 @@ def save_image(path: str | os.PathLike, image, text: dict[str, str] | None = Non
     return atomic_write(path, lambda p: image.save(p, format=fmt, **extra))
 
 
+def _honour_umask(folder: Path) -> None:
+    """Libraries that write through ``mkstemp``/``mkdtemp`` (diffusers' ``save_pretrained``, for one) leave
+    0600 files and 0700 folders; give them the modes a plain write would, so a shared MVZ_HOME stays shared."""
+    file_mode, dir_mode = _new_file_mode(), _new_dir_mode()
+    for root, dirs, files in os.walk(folder):
+        for name, mode, private in [(d, dir_mode, 0o700) for d in dirs] + [(f, file_mode, 0o600) for f in files]:
+            target = Path(root) / name
+            if not target.is_symlink() and target.stat().st_mode & 0o777 == private:
+                os.chmod(target, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temp name beside ``path`` and rename it into place when complete."""
@@ -142,6 +153,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, _new_dir_mode())
     try:
         yield tmp
+        _honour_umask(tmp)
         if path.exists():
             backup = path.with_name(f".{path.name}.old")
             if backup.exists():

@@ -145,3 +145,18 @@ def test_generate_with_nan_lora_writes_no_image(tmp_path):
                                  "--out", "grid.png", "--save-views"], tmp_path))
     assert "NaN or inf" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+
+
+def test_tiny_model_files_honour_the_umask(tmp_path):
+    """A shared MVZ_HOME under umask 002: every file group-writable, none left 0600 by a library's mkstemp."""
+    home = tmp_path / "home"
+    code = "from mvz.models.loading import load_model; load_model('tiny', device='cpu', dtype='fp32')"
+    env = {**os.environ, "MVZ_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=600,
+                   preexec_fn=lambda: os.umask(0o002))
+    modes = {p.relative_to(home).as_posix(): p.stat().st_mode & 0o777 for p in home.rglob("*")}
+    weights = [name for name in modes if name.endswith(".safetensors")]
+    assert "models/tiny/unet/diffusion_pytorch_model.safetensors" in weights
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o775 if (home / name).is_dir() else 0o664)}
+    assert not wrong
