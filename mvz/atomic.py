@@ -9,6 +9,7 @@ loss: no ``finally`` ran) left behind, and never a live writer's. Files and fold
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -72,20 +73,20 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, _new_file_mode())  # mkstemp makes 0600; a plain write would honour the umask
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with _new_parents(path) as _, _storage_errors_name(path):
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp_path, _new_file_mode())  # mkstemp makes 0600; a plain write would honour the umask
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
@@ -147,25 +148,68 @@ def _honour_umask(folder: Path) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temp name beside ``path`` and rename it into place when complete."""
     path = Path(path)
+    with _new_parents(path) as _, _storage_errors_name(path):
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, _new_dir_mode())
+        try:
+            yield tmp
+            _honour_umask(tmp)
+            _replace_dir(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    backup = path.with_name(f".{path.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup)
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    shutil.rmtree(backup)
+
+
+@contextlib.contextmanager
+def _new_parents(path: Path) -> Iterator[None]:
+    """Create ``path``'s missing parent folders; if the write fails, remove the ones this call created (a failed
+    command must not leave an empty ``models/`` behind), never a folder that existed or that is not empty."""
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, _new_dir_mode())
     try:
-        yield tmp
-        _honour_umask(tmp)
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+# Libraries that report a full disk in their own exception type (safetensors: "No space left on device (os
+# error 28)") are turned into the OSError the CLI explains in one line, naming the file mvz was writing.
+_STORAGE_MARKERS = {errno.ENOSPC: ("os error 28", "No space left"), errno.EDQUOT: ("os error 122", "quota exceeded")}
+
+
+@contextlib.contextmanager
+def _storage_errors_name(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or Path(str(exc.filename)).name.endswith(".tmp"):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    except Exception as exc:
+        for code, markers in _STORAGE_MARKERS.items():
+            if any(m in str(exc) for m in markers):
+                raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
 
 
 def ensure_writable_dir(

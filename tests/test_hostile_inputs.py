@@ -160,3 +160,38 @@ def test_tiny_model_files_honour_the_umask(tmp_path):
     wrong = {name: oct(mode) for name, mode in modes.items()
              if mode != (0o775 if (home / name).is_dir() else 0o664)}
     assert not wrong
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: too small for the tiny model. Skips where this machine cannot mount one (not root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.decode().strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_mvz_home_on_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
+    env_home = {"MVZ_HOME": str(full_disk / "home")}
+    env = {**os.environ, **env_home, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "mvz", "generate", "a frog", "--model", "tiny", "--steps", "1",
+                             "--out", str(tmp_path / "g.png")], env=env, capture_output=True, timeout=600)
+    line = _one_error_line(result)
+    assert "no space left" in line and str(full_disk / "home") in line
+    assert not (full_disk / "home" / "models").exists()
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_atomic_write_on_a_full_disk_names_the_file(full_disk):
+    from mvz.atomic import save_safetensors
+
+    target = full_disk / "a" / "b" / "w.safetensors"
+    with pytest.raises(OSError) as info:
+        save_safetensors(target, {"w": torch.zeros(1 << 20)})
+    assert info.value.filename == str(target) and info.value.errno == 28
+    assert not (full_disk / "a").exists() and not list(full_disk.iterdir())
