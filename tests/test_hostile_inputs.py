@@ -195,3 +195,12 @@ def test_atomic_write_on_a_full_disk_names_the_file(full_disk):
         save_safetensors(target, {"w": torch.zeros(1 << 20)})
     assert info.value.filename == str(target) and info.value.errno == 28
     assert not (full_disk / "a").exists() and not list(full_disk.iterdir())
+
+
+def test_score_refuses_a_decompression_bomb_in_one_line(tmp_path):
+    """A 20000 x 20000 PNG (a few hundred KB on disk) must not surface Pillow's DecompressionBombError."""
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    line = _one_error_line(_mvz(["score", "bomb.png", "-p", "a chair", "--reward-preset", "tiny"], tmp_path))
+    assert "bomb.png" in line and "Downscale" in line

@@ -32,6 +32,9 @@ def _open(path: Path):
         img.load()
     except (OSError, UnidentifiedImageError) as exc:
         raise InputError(f"cannot read image {path}: {exc}.", "Pass a PNG/JPEG file.") from None
+    except Image.DecompressionBombError:  # Pillow's guard against images too large to decode safely
+        raise InputError(f"image {path} is larger than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,} pixels).",
+                         "Downscale it first: the reward models see 224-px crops.") from None
     return _to_rgb(img, path)
 
 
