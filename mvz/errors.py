@@ -50,6 +50,20 @@ class TrainingDivergedError(MvzError):
     """NaN or inf in the loss or the rewards."""
 
 
+class NonFiniteError(MvzError):
+    """A stage of sampling produced NaN or inf: no image is written from it (it would be all black)."""
+
+
+def require_finite(tensor, stage: str, fix: str = "Check the LoRA and its scale, or use --dtype fp32.") -> None:
+    """Raise ``NonFiniteError`` naming ``stage`` when ``tensor`` holds NaN or inf (no torch import here: the
+    tensor's own methods do the check, so this module stays importable without torch)."""
+    finite = tensor.isfinite()
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NonFiniteError(f"the {stage} went non-finite ({bad} of {finite.numel()} values are NaN or inf); "
+                             "no image was written.", fix)
+
+
 def summarize_keys(keys, limit: int = 5) -> str:
     """``a, b, c (+12 more)``: key lists in one-line messages stay readable."""
     keys = sorted(keys)

@@ -204,3 +204,13 @@ def test_score_refuses_a_decompression_bomb_in_one_line(tmp_path):
     Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
     line = _one_error_line(_mvz(["score", "bomb.png", "-p", "a chair", "--reward-preset", "tiny"], tmp_path))
     assert "bomb.png" in line and "Downscale" in line
+
+
+def test_require_finite_names_the_stage():
+    from mvz.errors import NonFiniteError, require_finite
+
+    require_finite(torch.zeros(2, 3), "denoised latents")
+    with pytest.raises(NonFiniteError, match=r"denoised latents went non-finite \(1 of 6"):
+        require_finite(torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]]), "denoised latents")
+    with pytest.raises(NonFiniteError, match="decoded images"):
+        require_finite(torch.tensor([float("inf")]), "decoded images")
