@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from export.manifest import (
+from mvz.artifacts.manifest import (
     ExportManifest,
     check_request,
     lora_identity,

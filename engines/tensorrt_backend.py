@@ -25,7 +25,7 @@ import torch
 
 from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
 from engines.tensorrt_manifest import EngineManifest, check_engines, find_engine_folder
-from export.manifest import refuse_quantized_refit
+from mvz.artifacts.manifest import refuse_quantized_refit
 from export.refit_map import RefitRefusedError
 from mvz.errors import BackendUnavailableError, CheckpointError, DeviceError, ManifestMismatchError
 

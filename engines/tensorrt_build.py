@@ -37,7 +37,7 @@ from engines.tensorrt_manifest import (
     environment_problems,
     profile_shapes,
 )
-from export.manifest import ExportManifest, manifest_sha256, now_iso, read_manifest, sha256_file
+from mvz.artifacts.manifest import ExportManifest, manifest_sha256, now_iso, read_manifest, sha256_file
 from mvz.errors import BackendUnavailableError, DeviceError, MvzError
 
 StageCallback = Callable[[str, str, dict], None]

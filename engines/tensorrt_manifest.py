@@ -1,7 +1,7 @@
 """The engine manifest (``<export>/engines/mvz_engines.json``): which plans were built from which export, and
 whether they may serve here. Pure Python (no TensorRT import), so every check runs and is tested on a CPU.
 
-Integrity chain: the export manifest hashes every ONNX weight file (``export.manifest``); the engine manifest
+Integrity chain: the export manifest hashes every ONNX weight file (``mvz.artifacts.manifest``); the engine manifest
 records the sha256 of that export manifest file, of each plan file, and the ONNX hash each plan was built
 from. A plan folder copied next to another export (another LoRA, shapes or weights), a plan swapped for
 another, or an edited hash is refused with how to rebuild.
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import ExportManifest, content_digest, manifest_sha256, sha256_file
+from mvz.artifacts.manifest import ExportManifest, content_digest, manifest_sha256, sha256_file
 from mvz.errors import CheckpointError, ManifestMismatchError, ModelNotFoundError
 
 ENGINE_MANIFEST = "mvz_engines.json"

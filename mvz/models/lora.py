@@ -134,3 +134,35 @@ def save_lora(unet, path: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
     meta = {"format": "pt", "lora_rank": str(cfg.r), "lora_alpha": str(cfg.r), "trained_lora_alpha": str(cfg.lora_alpha),
             "producer": "mvz"}
     return save_safetensors(path, sd, metadata=meta)
+
+
+# ---- per-weight fusion (the TensorRT refit: no second UNet, one weight at a time) -----------------------
+def peft_lora_modules(unet: torch.nn.Module) -> list[str]:
+    """Module paths of every PEFT LoRA layer attached to ``unet`` (the weights its LoRA changes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer))
+
+
+def fused_weight(unet: torch.nn.Module, module_path: str) -> torch.Tensor:
+    """The weight of ``module_path`` with the active LoRA adapters of its PEFT layer fused in, in float32
+    (``W + sum_a scaling_a · B_a @ A_a``, scaling = scale · alpha / r); the plain weight for a module without
+    LoRA. Nothing is modified and only this one weight is materialised."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = unet.get_submodule(module_path)
+    if not isinstance(layer, BaseTunerLayer):
+        return layer.weight.detach().float()
+    if layer.merged:
+        raise ValueError(f"LoRA layer {module_path} is merged already; its base weight is not the base model's")
+    base = layer.get_base_layer().weight.detach().float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        if getattr(layer, "use_dora", {}).get(adapter):
+            raise ValueError(f"LoRA layer {module_path} uses DoRA, which refit by weight does not support")
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        base = base + float(layer.scaling[adapter]) * delta.to(base.device)
+    return base
