@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.base import Backend, to_device
+from engines.base import Backend
+from mvz.devices import resolve_device
 from mvz.errors import BackendUnavailableError
 from mvz.models.attention import (
     MVRowAttnProcessor,
@@ -202,7 +203,7 @@ def create_torch_backend(name: str, model, *, num_views: int, device, compile_mo
                          fused_qkv: bool = True, channels_last: bool = True) -> Backend:
     if model is None:
         raise BackendUnavailableError(f"the {name} backend needs a loaded model.", "Load one with mvz.models.loading.load_model.")
-    dev = to_device(device)
+    dev = resolve_device(device)
     info = {"provider": "torch", "device": str(dev), "precision": str(model.dtype).replace("torch.", "")}
     if name == "torch":
         return Backend("torch", TorchDenoiser(model, num_views), TorchDecoder(model), info)

@@ -35,27 +35,17 @@ class UNetWrapper(nn.Module):
         self.settings = MVSettings(int(num_views), int(latent_height), int(latent_width), float(mv_scale))
 
     def forward(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        return self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states=prompt_embeds,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-            down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3],
-            cross_attention_kwargs=self.settings.attention_kwargs(),
-            return_dict=False,
-        )[0]
+        args = (sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3)
+        return UNetIO.call_unet(self.unet, dict(zip(UNET_INPUTS, args, strict=True)), self.settings)
 
 
 class VAEDecoderWrapper(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latents):
-        images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return VAEDecoderIO.call_vae(self.vae, latents)
 
 
 class TextEncoderWrapper(nn.Module):

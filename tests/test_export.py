@@ -18,6 +18,9 @@ pytest.importorskip("onnxruntime")
 
 from export.exporter import export_model  # noqa: E402
 from export.fuse import changed_weights, fused_unet, lora_deltas  # noqa: E402
+from export.onnx_export import float_initializer_dtypes, graph_io  # noqa: E402
+from export.refit_map import build_refit_map, lora_changed_names, mapped_weights  # noqa: E402
+from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs  # noqa: E402
 from mvz.artifacts.manifest import (  # noqa: E402
     MANIFEST_NAME,
     ExportManifest,
@@ -25,9 +28,6 @@ from mvz.artifacts.manifest import (  # noqa: E402
     read_manifest,
     verify_graph_files,
 )
-from export.onnx_export import float_initializer_dtypes, graph_io  # noqa: E402
-from export.refit_map import build_refit_map, lora_changed_names, mapped_weights  # noqa: E402
-from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs  # noqa: E402
 from mvz.errors import CheckpointError, ManifestMismatchError, MvzError  # noqa: E402
 
 # The smallest export that still tests the real thing: 2 views (row attention across views), 32 px (the

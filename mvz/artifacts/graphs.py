@@ -84,18 +84,20 @@ class _GraphIO:
         return {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device=device)
                 for t in self.inputs(shape, dtype)}
 
-    def feed(self, module, tensors: Mapping[str, torch.Tensor]):
+    @classmethod
+    def feed(cls, module, tensors: Mapping[str, torch.Tensor]):
         """``module(*inputs)`` with the named tensors in this graph's input order (the wrappers' signature)."""
-        return module(*[tensors[n] for n in self.input_names])
+        return module(*[tensors[n] for n in cls.input_names])
 
-    def check_names(self, names: Sequence[str], what: str) -> None:
+    @classmethod
+    def check_names(cls, names: Sequence[str], what: str) -> None:
         """Refuse a graph or engine whose inputs are not this spec's (a pruned input is allowed)."""
-        unknown = sorted(set(names) - set(self.input_names))
+        unknown = sorted(set(names) - set(cls.input_names))
         if unknown:
             from mvz.errors import ManifestMismatchError
 
-            raise ManifestMismatchError(f"{what} has inputs {', '.join(unknown)} that the {self.name} graph does not "
-                                        f"take ({', '.join(self.input_names)}).", "Re-export it (mvz export --force).")
+            raise ManifestMismatchError(f"{what} has inputs {', '.join(unknown)} that the {cls.name} graph does not "
+                                        f"take ({', '.join(cls.input_names)}).", "Re-export it (mvz export --force).")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,21 @@ class UNetIO(_GraphIO):
             *cams,
         ]
 
+    @staticmethod
+    def call_unet(unet, tensors: Mapping[str, torch.Tensor], settings) -> torch.Tensor:
+        """``eps`` of a diffusers UNet (MV processors installed) on the named inputs; ``settings`` (an
+        ``MVSettings``: views, latent grid, MV scale) reaches the attention processors through the call."""
+        return unet(
+            tensors["sample"],
+            tensors["timestep"],
+            encoder_hidden_states=tensors["prompt_embeds"],
+            timestep_cond=tensors["timestep_cond"],
+            added_cond_kwargs={"text_embeds": tensors["text_embeds"], "time_ids": tensors["time_ids"]},
+            down_intrablock_additional_residuals=[tensors[f"cam_{i}"] for i in range(4)],
+            cross_attention_kwargs=settings.attention_kwargs(),
+            return_dict=False,
+        )[0]
+
     def outputs(self, shape: IOShape, dtype: str) -> list[TensorIO]:
         f = self.vae_scale_factor
         return [TensorIO("eps", (shape.rows, self.latent_channels, shape.height // f, shape.width // f), dtype)]
@@ -185,6 +202,12 @@ class VAEDecoderIO(_GraphIO):
     def inputs(self, shape: IOShape, dtype: str) -> list[TensorIO]:
         f = self.vae_scale_factor
         return [TensorIO("latents", (shape.rows, self.latent_channels, shape.height // f, shape.width // f), dtype)]
+
+    @staticmethod
+    def call_vae(vae, latents: torch.Tensor) -> torch.Tensor:
+        """``images`` in [0, 1], float32, of a diffusers VAE: unscale, decode, ``/2 + 0.5``, clamp."""
+        images = vae.decode(latents / float(vae.config.scaling_factor), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def outputs(self, shape: IOShape, dtype: str) -> list[TensorIO]:
         return [TensorIO("images", (shape.rows, 3, shape.height, shape.width), "float32")]

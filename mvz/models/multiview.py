@@ -27,7 +27,6 @@ class ModelInfo:
     random_weights: bool = False
     lora: str | None = None
     lora_scale: float = 1.0
-    vae_fp16_safe: bool | None = None  # whether the VAE weights may run in fp16 (fp16-fix); None = unknown
 
 
 @dataclass
