@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvz.errors import CheckpointError, describe_key_mismatch
 from mvz.models.lora import LORA_TARGETS, has_lora, read_lora_file
+from mvz.state_dicts import check_state
 
 
 def lora_target_modules(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -48,12 +48,8 @@ def _checked_lora(unet: nn.Module, lora_path: str | Path, scale: float):
     for m, lin in targets.items():  # the keys and shapes a LoRA of this rank must have for this UNet
         expected[f"{m}.lora_A.weight"] = torch.empty(rank, lin.in_features, device="meta")
         expected[f"{m}.lora_B.weight"] = torch.empty(lin.out_features, rank, device="meta")
-    problem = describe_key_mismatch(sd, expected, noun="LoRA keys")
-    if problem:
-        raise CheckpointError(
-            f"LoRA {lora_path} does not fit this model: {problem}.",
-            "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).",
-        )
+    check_state(sd, expected, f"LoRA {lora_path} (for this model)",
+                "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).", noun="LoRA keys")
     factor = float(scale) * alpha / rank
     return sorted(targets), lambda m: factor * (sd[f"{m}.lora_B.weight"].float() @ sd[f"{m}.lora_A.weight"].float())
 

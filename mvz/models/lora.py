@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+from mvz.state_dicts import check_state
 
 LORA_FILENAME = "mvczigal_lcm_sdxl_lora.safetensors"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0")
@@ -85,13 +86,12 @@ def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = AD
         unet.delete_adapters(adapter_name)
     add_lora(unet, rank=rank, alpha=alpha, init=True, adapter_name=adapter_name)
     expected = lora_state_dict(unet, adapter_name)
-    problem = describe_key_mismatch(sd, expected)
-    if problem:
+    try:
+        check_state(sd, expected, f"LoRA {path} (for this model)",
+                    "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).")
+    except CheckpointError:
         unet.delete_adapters(adapter_name)
-        raise CheckpointError(
-            f"LoRA {path} does not fit this model: {problem}.",
-            "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).",
-        )
+        raise
     ref = next(iter(expected.values()))
     result = set_peft_model_state_dict(unet, {k: v.to(ref.dtype) for k, v in sd.items()}, adapter_name=adapter_name)
     leftovers = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]

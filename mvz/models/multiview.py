@@ -98,14 +98,11 @@ class MultiviewModel:
 
     def release_unet_and_vae(self) -> None:
         """Move the torch UNet and VAE to the CPU and return their GPU memory (engines serve them now)."""
-        import gc
+        from mvz.devices import release_device_memory
 
-        on_gpu = self.device.type == "cuda"
         self.unet.to("cpu")
         self.vae.to("cpu")
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
+        release_device_memory()
 
     @property
     def dtype(self) -> torch.dtype:
