@@ -11,8 +11,8 @@ import torch
 
 from mvz.devices import library_versions
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s, from reference/deployment.md §6 where given there
-# (RTX 4090, H100, H200); the others from the vendors' data sheets. fp16/bf16 assume fp32 accumulation,
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, from the vendors' data sheets (docs/architecture.md,
+# *GPU peaks*). fp16/bf16 assume fp32 accumulation,
 # as torch, cuBLAS and TensorRT use by default. Override with --peak-tflops.
 _H100_SXM = {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9}  # H200: same compute, more bandwidth
 _H100_PCIE = {"fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "fp32": 51.2}

@@ -3,7 +3,7 @@
 Counted, not hard-coded: the networks are rebuilt from the loaded model's configuration on the ``meta``
 device (no memory, no arithmetic) and run once at the benchmark's shapes while a ``TorchFunctionMode``
 records every ``conv2d``, ``linear``, ``scaled_dot_product_attention`` and batched matmul with its real
-operand shapes. Like ``reference/deployment.md`` §6, only multiply-adds are counted (2 FLOPs per MAC):
+operand shapes. As in ``docs/architecture.md`` (*Compute floor*), only multiply-adds are counted (2 FLOPs per MAC):
 convolutions, linears and attention's QKᵀ and AV; norms, activations, softmax and resampling are not.
 
 Categories:
@@ -14,7 +14,7 @@ Categories:
 * ``vae_decoder`` (incl. ``post_quant_conv``) and ``camera_adapter``.
 
 At 768 px, 6 views, batch 1 this gives 3.64 TFLOP (base UNet) and 4.21 TFLOP per view (UNet + MV), and
-5.75 TFLOP per VAE-decoded image, the figures of ``reference/deployment.md`` §6.
+5.75 TFLOP per VAE-decoded image (``docs/architecture.md``, *Compute floor*).
 """
 
 from __future__ import annotations

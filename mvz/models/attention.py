@@ -8,7 +8,7 @@ read the same normed input x:
     out = (to_out(SA(x)) + mv_scale · to_out_mv(RowMVA(x))) / rescale_output_factor
 
 RowMVA lets every token attend to the same image row in all V views (its own included). It is done by
-reshape only (reference `mvadapter.md` §1 "reshape-only equivalent"): no per-view copy of K/V. Every
+reshape only (``docs/architecture.md``, *Row-wise attention by reshape*): no per-view copy of K/V. Every
 reshape keeps the batch axis as -1, so a traced or exported graph never freezes the batch.
 
 Per-call settings travel with the call: the number of views, the latent size (from which each UNet level's
