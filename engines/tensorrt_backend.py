@@ -27,6 +27,7 @@ import torch
 from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export
 from engines.tensorrt_common import load_tensorrt, unavailable_reason  # noqa: F401  (the registry asks the runtime)
 from engines.tensorrt_manifest import EngineManifest, check_engines, find_engine_folder
+from mvz.artifacts.graphs import UNetIO, VAEDecoderIO
 from mvz.artifacts.manifest import refuse_quantized_refit
 from mvz.artifacts.refit_plan import RefitRefusedError, read_refit_map
 from mvz.devices import gpu_identity, resolve_device
@@ -179,7 +180,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
                                    check_lora=False)
     lora_differs = model is not None and not same_lora(manifest.lora, model_lora_identity(model))
     em = EngineManifest.load(eng_dir)
-    check_engines(em, eng_dir, export_dir, manifest, environment=(trt.__version__, *gpu_identity(dev).values()))
+    ident = gpu_identity(dev)
+    check_engines(em, eng_dir, export_dir, manifest, environment=(trt.__version__, ident["gpu"], ident["compute_capability"]))
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
             "manifest": manifest.summary(), "checks": {g: e.check for g, e in em.engines.items()}}
@@ -192,6 +194,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     try:
         unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph, stream=stream)
         vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+        for spec, engine in ((UNetIO, unet), (VAEDecoderIO, vae)):  # fed by the specs' names
+            spec.check_names(engine.inputs, f"the {spec.name} engine in {eng_dir}")
         context_memory = share_context_memory([unet, vae], dev)
         info["context_memory_bytes"] = shared_context_bytes([unet, vae])
         if lora_differs:  # before the first run: no CUDA graph holds the old weights

@@ -39,11 +39,11 @@ from engines.tensorrt_manifest import (
 )
 from mvz.artifacts.manifest import ExportManifest, manifest_sha256, now_iso, read_manifest, sha256_file
 from mvz.artifacts.refit_plan import read_refit_map
-from mvz.devices import gpu_identity
-from mvz.devices import release_device_memory as free_device_memory  # the CLI's name for it
+from mvz.devices import gpu_identity, release_device_memory
 from mvz.errors import DeviceError, MvzError
 
 StageCallback = Callable[[str, str, dict], None]
+free_device_memory = release_device_memory  # the name the CLI imports from here
 GRAPHS = ("unet", "vae_decoder")
 # engine vs ONNX Runtime, on the median of the elementwise error (fp16 kernels differ in accumulation order)
 CHECK_TOLERANCE = {"fp16": (2e-2, 2e-2), "fp32": (1e-3, 1e-3)}  # (atol, rtol)
@@ -190,7 +190,7 @@ def build_one(spec: BuildSpec, plan_path: Path, manifest: ExportManifest, graph:
 
     _, _, engine_bytes = engine_loaders(spec, workspace_pool=trt.MemoryPoolType.WORKSPACE,
                                         refit_individual_flag=getattr(trt.BuilderFlag, "REFIT_INDIVIDUAL", None))
-    free_device_memory()
+    release_device_memory()
     t = time.perf_counter()
     try:
         plan = bytes(engine_bytes())
@@ -206,7 +206,7 @@ def build_one(spec: BuildSpec, plan_path: Path, manifest: ExportManifest, graph:
     seconds = time.perf_counter() - t
     check = compare_with_onnxruntime(TrtRunner(EngineFromBytes(plan), name="tensorrt"), spec.onnx,
                                      check_inputs(manifest, graph), spec.precision, _reference_providers())
-    free_device_memory()
+    release_device_memory()
     if not check["passed"]:
         raise EngineBuildError(
             f"the {graph} engine does not match ONNX Runtime (finite={check['finite']}, median rel err "
