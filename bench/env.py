@@ -6,12 +6,13 @@ import os
 import platform
 import shutil
 import subprocess
-from importlib import metadata
 
 import torch
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s, from reference/deployment.md §6 where given there
-# (RTX 4090, H100, H200); the others from the vendors' data sheets. fp16/bf16 assume fp32 accumulation,
+from mvz.devices import library_versions
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, from the vendors' data sheets (docs/architecture.md,
+# *GPU peaks*). fp16/bf16 assume fp32 accumulation,
 # as torch, cuBLAS and TensorRT use by default. Override with --peak-tflops.
 _H100_SXM = {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9}  # H200: same compute, more bandwidth
 _H100_PCIE = {"fp16": 756.0, "bf16": 756.0, "tf32": 378.0, "fp32": 51.2}
@@ -50,26 +51,6 @@ def lookup_peak(device_name: str | None, dtype: torch.dtype) -> tuple[float | No
         if entry.upper() in name:
             return GPU_PEAKS_TFLOPS[entry][key] or None, f"table: {entry} {key}"
     return None, f"{device_name} is not in the peak table: pass --peak-tflops"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda_runtime": torch.version.cuda, "cudnn": None}
-    if torch.backends.cudnn.is_available():
-        out["cudnn"] = str(torch.backends.cudnn.version())
-    for dist in ("diffusers", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                 "tensorrt-cu12", "tensorrt-cu13", "polygraphy", "numpy", "mvz"):
-        v = _version(dist)
-        if v:
-            out[dist] = v
-    return out
 
 
 def cpu_name() -> str:
@@ -124,7 +105,3 @@ def environment(device: torch.device) -> dict:
             "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
         }
     return info
-
-
-def device_label(env: dict) -> str:
-    return env["gpu"]["name"] if "gpu" in env else f"CPU: {env['cpu']} ({env['cpu_count']} cores)"

@@ -3,7 +3,7 @@
 Counted, not hard-coded: the networks are rebuilt from the loaded model's configuration on the ``meta``
 device (no memory, no arithmetic) and run once at the benchmark's shapes while a ``TorchFunctionMode``
 records every ``conv2d``, ``linear``, ``scaled_dot_product_attention`` and batched matmul with its real
-operand shapes. Like ``reference/deployment.md`` §6, only multiply-adds are counted (2 FLOPs per MAC):
+operand shapes. As in ``docs/architecture.md`` (*Compute floor*), only multiply-adds are counted (2 FLOPs per MAC):
 convolutions, linears and attention's QKᵀ and AV; norms, activations, softmax and resampling are not.
 
 Categories:
@@ -14,7 +14,7 @@ Categories:
 * ``vae_decoder`` (incl. ``post_quant_conv``) and ``camera_adapter``.
 
 At 768 px, 6 views, batch 1 this gives 3.64 TFLOP (base UNet) and 4.21 TFLOP per view (UNet + MV), and
-5.75 TFLOP per VAE-decoded image, the figures of ``reference/deployment.md`` §6.
+5.75 TFLOP per VAE-decoded image (``docs/architecture.md``, *Compute floor*).
 """
 
 from __future__ import annotations
@@ -222,31 +222,26 @@ def _meta_unet(unet_config: dict):
 
 
 def count_unet(unet_config: dict, rows: int, num_views: int, latent_h: int, latent_w: int,
-               context_dim: int | None = None, seq_len: int = 77) -> dict[str, int]:
-    """{unet_base, mv_proj, mv_attention} FLOPs of one UNet call on ``rows`` latents (meta device).
+               vae_scale_factor: int = 8) -> dict[str, int]:
+    """{unet_base, mv_proj, mv_attention} FLOPs of one UNet call on ``rows`` latents (meta device), fed by
+    the UNet's graph I/O spec (``mvz.artifacts.graphs.UNetIO``): the call every backend makes.
 
-    The camera residuals are only added inside the UNet (no multiply-adds), so they are left out here.
+    The camera residuals are only added inside the UNet (no multiply-adds), so they cost nothing here.
     """
+    from mvz.artifacts.graphs import IOShape, UNetIO
     from mvz.models.attention import MVSettings
 
     cfg = dict(unet_config)
     unet = _meta_unet(cfg)
-    ctx = context_dim or cfg["cross_attention_dim"]
-    with torch.device("meta"):
-        kwargs = {"encoder_hidden_states": torch.empty(rows, seq_len, ctx),
-                  "cross_attention_kwargs": MVSettings(num_views, latent_h, latent_w).attention_kwargs()}
-        if cfg.get("time_cond_proj_dim"):
-            kwargs["timestep_cond"] = torch.empty(rows, cfg["time_cond_proj_dim"])
-        if cfg.get("addition_embed_type") == "text_time":
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(rows, pooled), "time_ids": torch.empty(rows, 6)}
-        counter = FlopCounter(unet_category).attach(unet)
-        try:
-            with mark_row_attention(counter), counter, torch.no_grad():
-                sample = torch.empty(rows, cfg["in_channels"], latent_h, latent_w)
-                unet(sample, torch.tensor([500.0]), return_dict=False, **kwargs)
-        finally:
-            counter.detach()
+    spec = UNetIO.from_config(cfg, vae_scale_factor)
+    shape = IOShape(rows, latent_h * vae_scale_factor, latent_w * vae_scale_factor)
+    feeds = spec.empty_inputs(shape, "float32", device="meta")
+    counter = FlopCounter(unet_category).attach(unet)
+    try:
+        with mark_row_attention(counter), counter, torch.no_grad():
+            spec.call_unet(unet, feeds, MVSettings(num_views, latent_h, latent_w))
+    finally:
+        counter.detach()
     return {k: int(counter.counts.get(k, 0)) for k in ("unet_base", "mv_proj", "mv_attention")}
 
 
@@ -284,8 +279,7 @@ def count_model(model, height: int, width: int, num_views: int, batch: int = 1) 
     rows = batch * num_views
     cc = ComputeCount(height=height, width=width, rows=rows)
     unet_cfg = dict(model.unet.config)
-    ctx = int(model.unet.config.cross_attention_dim)
-    u = count_unet(unet_cfg, rows, num_views, lh, lw, context_dim=ctx)
+    u = count_unet(unet_cfg, rows, num_views, lh, lw, vae_scale_factor=f)
     cc.unet_base_per_call, cc.mv_proj_per_call, cc.mv_attention_per_call = u["unet_base"], u["mv_proj"], u["mv_attention"]
     cc.vae_decode_per_image = count_vae_decoder(dict(model.vae.config), lh, lw)
     try:

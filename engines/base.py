@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from export.manifest import (
+from mvz.artifacts.graphs import UNetIO, VAEDecoderIO
+from mvz.artifacts.manifest import (
     ExportManifest,
     check_request,
     lora_identity,
@@ -90,8 +91,8 @@ class GraphDenoiser:
     """The Denoiser contract over an exported UNet graph (ONNX Runtime session or TensorRT engine).
 
     ``graph`` has ``rows`` (static rows per call, or None) and ``run({input name: tensor}) -> tensor``;
-    inputs are passed by name (``export.wrappers.UNET_INPUTS``), so a graph or engine that orders or
-    prunes its inputs differently still gets the right tensors."""
+    inputs are passed by name (``mvz.artifacts.graphs.UNetIO``), so a graph or engine that orders or prunes
+    its inputs differently still gets the right tensors."""
 
     def __init__(self, graph, num_views: int, name: str):
         self.graph = graph
@@ -99,10 +100,8 @@ class GraphDenoiser:
         self.name = name
 
     def __call__(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        from export.wrappers import UNET_INPUTS
-
         t = torch.as_tensor(timestep, device=sample.device).float().reshape(1)
-        names = [n for n in UNET_INPUTS if n != "timestep"]
+        names = [n for n in UNetIO.input_names if n != "timestep"]
 
         def run(rows: list[torch.Tensor]) -> torch.Tensor:
             return self.graph.run({"timestep": t, **dict(zip(names, rows, strict=True))})
@@ -121,13 +120,6 @@ class GraphDecoder:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        from export.wrappers import VAE_INPUTS
-
-        images = run_in_chunks(lambda rows: self.graph.run({VAE_INPUTS[0]: rows[0]}), [latents], self.graph.rows, 1)
+        (name,) = VAEDecoderIO.input_names
+        images = run_in_chunks(lambda rows: self.graph.run({name: rows[0]}), [latents], self.graph.rows, 1)
         return images.float().to(latents.device)
-
-
-def to_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

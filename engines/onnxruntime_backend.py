@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
+from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export
+from mvz.artifacts.graphs import UNetIO, VAEDecoderIO
+from mvz.devices import resolve_device
 from mvz.errors import BackendUnavailableError, CheckpointError
 
 PROVIDER_NAMES = {
@@ -165,12 +167,14 @@ def create_onnxruntime_backend(model, engines_dir, *, num_views, height, width, 
         raise BackendUnavailableError("the onnxruntime backend needs an export folder.", "Pass --engines DIR (made by mvz export).")
     folder = Path(engines_dir)
     manifest = load_checked_export(folder, model, num_views=num_views, height=height, width=width, batch=batch)
-    dev = to_device(device)
+    dev = resolve_device(device)
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None  # never the legacy default stream (0)
     provider_list = select_providers(providers, dev, cache_dir=folder / "ort_trt_cache",
                                      stream=stream.cuda_stream if stream is not None else None)
     unet = OrtGraph(folder / manifest.graphs["unet"].file, provider_list, dev, stream)
     vae = OrtGraph(folder / manifest.graphs["vae_decoder"].file, provider_list, dev, stream)
+    for spec, graph in ((UNetIO, unet), (VAEDecoderIO, vae)):  # inputs are fed by the specs' names
+        spec.check_names([name for name, _, _ in graph.inputs], f"the {spec.name} graph in {folder}")
     info = {"provider": unet.providers[0], "providers": unet.providers, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "io_binding": unet.io_binding, "export": str(folder),
             "manifest": manifest.summary()}

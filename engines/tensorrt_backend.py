@@ -1,16 +1,17 @@
 """TensorRT 10/11 runtime half: serve the engines of an export folder behind the Denoiser/Decoder contract.
 
-Written against the documented Python API (reference ``deployment.md`` §1); nothing here has run on real
+Written against TensorRT's documented Python API (``docs/architecture.md``, TensorRT); nothing here has run on real
 TensorRT in this repository's CI (no GPU, no builder): the tests marked ``tensorrt`` run it where it exists.
 
 Build: ``engines.tensorrt_build`` (Polygraphy loaders, numeric check, atomic plans). Manifest and integrity
-checks: ``engines.tensorrt_manifest`` (pure). LoRA switch by refit: ``engines.tensorrt_refit``.
+checks: ``engines.tensorrt_manifest`` (pure). LoRA switch by refit: ``engines.tensorrt_refit``. What they
+share (is TensorRT here, the check input): ``engines.tensorrt_common``.
 
 Load: the export manifest must fit the model and the request; the engine manifest must belong to this very
 export (its manifest's sha256), each plan must be the one built (full sha256) from this export's ONNX, for
 this TensorRT and GPU. A model that carries another LoRA than the engines is served by refitting the UNet
 engine, all or nothing; a refused refit raises :class:`RefitRefusedError` and the caller (the CLI) decides
-to rebuild: the runtime never calls the exporter.
+to rebuild (the deployment session): the runtime never calls the exporter.
 
 Run: deserialize once, one execution context, preallocated torch tensors bound by address once,
 ``execute_async_v3`` on the current torch stream; optional CUDA-graph capture of that call (torch's CUDA
@@ -23,33 +24,18 @@ from pathlib import Path
 
 import torch
 
-from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export, to_device
+from engines.base import Backend, GraphDecoder, GraphDenoiser, load_checked_export
+from engines.tensorrt_common import load_tensorrt, unavailable_reason  # noqa: F401  (the registry asks the runtime)
 from engines.tensorrt_manifest import EngineManifest, check_engines, find_engine_folder
-from export.manifest import refuse_quantized_refit
-from export.refit_map import RefitRefusedError
+from mvz.artifacts.graphs import UNetIO, VAEDecoderIO
+from mvz.artifacts.manifest import refuse_quantized_refit
+from mvz.artifacts.refit_plan import RefitRefusedError, read_refit_map
+from mvz.devices import gpu_identity, resolve_device
 from mvz.errors import BackendUnavailableError, CheckpointError, DeviceError, ManifestMismatchError
 
 
-def unavailable_reason(need_builder: bool = False) -> str | None:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return ("TensorRT is not installed: engines need TensorRT and an NVIDIA GPU "
-                "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12).")
-    if need_builder and not hasattr(trt, "Builder"):
-        return "this TensorRT install is runtime-only (tensorrt-lean): it cannot build engines; install the full tensorrt package."
-    if not torch.cuda.is_available():
-        return "TensorRT needs an NVIDIA GPU with CUDA, and none is visible here."
-    return None
-
-
 def _trt():
-    reason = unavailable_reason()
-    if reason:
-        raise BackendUnavailableError(reason)
-    import tensorrt as trt
-
-    return trt
+    return load_tensorrt()
 
 
 _TORCH_DTYPES = {}
@@ -174,12 +160,6 @@ class TrtEngine:
         return out
 
 
-def gpu_identity(device: torch.device | None = None) -> tuple[str, str]:
-    idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(idx)
-    return torch.cuda.get_device_name(idx), f"{major}.{minor}"
-
-
 def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, batch, device, cuda_graph: bool = True,
                             release_torch: bool = True) -> Backend:
     """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
@@ -192,7 +172,7 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     if engines_dir is None:
         raise BackendUnavailableError("the tensorrt backend needs an export folder with engines.", "Pass --engines DIR (made by mvz export).")
     export_dir, eng_dir = find_engine_folder(Path(engines_dir))
-    dev = to_device(device)
+    dev = resolve_device(device)
     if dev.type != "cuda":
         raise BackendUnavailableError("the tensorrt backend runs on a CUDA device.", "Pass --device cuda.")
     # everything but the LoRA must fit; the LoRA may be switched by refit below
@@ -200,7 +180,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
                                    check_lora=False)
     lora_differs = model is not None and not same_lora(manifest.lora, model_lora_identity(model))
     em = EngineManifest.load(eng_dir)
-    check_engines(em, eng_dir, export_dir, manifest, environment=(trt.__version__, *gpu_identity(dev)))
+    ident = gpu_identity(dev)
+    check_engines(em, eng_dir, export_dir, manifest, environment=(trt.__version__, ident["gpu"], ident["compute_capability"]))
     info = {"provider": f"TensorRT {em.tensorrt}", "gpu": em.gpu, "precision": manifest.precision,
             "vae_precision": manifest.vae_precision, "cuda_graph": cuda_graph, "export": str(export_dir),
             "manifest": manifest.summary(), "checks": {g: e.check for g, e in em.engines.items()}}
@@ -213,6 +194,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
     try:
         unet = TrtEngine(eng_dir / em.engines["unet"].plan, dev, cuda_graph=cuda_graph, stream=stream)
         vae = TrtEngine(eng_dir / em.engines["vae_decoder"].plan, dev, cuda_graph=cuda_graph, stream=stream)
+        for spec, engine in ((UNetIO, unet), (VAEDecoderIO, vae)):  # fed by the specs' names
+            spec.check_names(engine.inputs, f"the {spec.name} engine in {eng_dir}")
         context_memory = share_context_memory([unet, vae], dev)
         info["context_memory_bytes"] = shared_context_bytes([unet, vae])
         if lora_differs:  # before the first run: no CUDA graph holds the old weights
@@ -232,14 +215,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
 
 def _refit_for_model(unet: TrtEngine, export_dir: Path, manifest, model) -> dict:
     """All-or-nothing refit of the UNet engine to the model's current LoRA (or none)."""
-    import json
-
     from engines.tensorrt_refit import refit_unet
 
-    path = export_dir / (manifest.refit_map or "refit_map.json")
-    if not path.is_file():
-        raise RefitRefusedError(f"the export {export_dir} has no refit map ({path.name}).",
-                                "The engines are rebuilt for this LoRA (re-export to get a refit map).")
-    refit_map = json.loads(path.read_text())
+    refit_map = read_refit_map(export_dir, manifest.refit_map)
     return refit_unet(unet.engine, unet.trt, unet.logger, refit_map, model, manifest.lora is not None,
                       export_dir / manifest.graphs["unet"].file)

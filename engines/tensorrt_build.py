@@ -12,7 +12,7 @@ Then every new plan is compared numerically with ONNX Runtime on one fixed input
 ``compare_accuracy`` + ``validate(check_nan=True, check_inf=True)``); only a plan that passes is written
 (atomically) and recorded, with the figures, in ``mvz_engines.json``. A failing plan is not kept.
 
-Memory: the caller frees the torch model before building (``free_device_memory``); the plan bytes live on
+Memory: the caller frees the torch model before building (``mvz.devices.release_device_memory``); the plan bytes live on
 the host between the build and the check, so the engine (weights on the device) exists only while the check's
 TensorRT runner is active, and the ONNX Runtime reference runs after it is released.
 
@@ -22,13 +22,13 @@ and the build starts from a fresh cache, saying so in one line.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.tensorrt_common import check_inputs, load_tensorrt
 from engines.tensorrt_manifest import (
     ENGINES_SUBDIR,
     EngineEntry,
@@ -37,12 +37,14 @@ from engines.tensorrt_manifest import (
     environment_problems,
     profile_shapes,
 )
-from export.manifest import ExportManifest, manifest_sha256, now_iso, read_manifest, sha256_file
-from mvz.errors import BackendUnavailableError, DeviceError, MvzError
+from mvz.artifacts.manifest import ExportManifest, manifest_sha256, now_iso, read_manifest, sha256_file
+from mvz.artifacts.refit_plan import read_refit_map
+from mvz.devices import gpu_identity, release_device_memory
+from mvz.errors import DeviceError, MvzError
 
 StageCallback = Callable[[str, str, dict], None]
+free_device_memory = release_device_memory  # the name the CLI imports from here
 GRAPHS = ("unet", "vae_decoder")
-CHECK_SEED = 1234
 # engine vs ONNX Runtime, on the median of the elementwise error (fp16 kernels differ in accumulation order)
 CHECK_TOLERANCE = {"fp16": (2e-2, 2e-2), "fp32": (1e-3, 1e-3)}  # (atol, rtol)
 
@@ -75,9 +77,7 @@ def refit_mode(requested: bool, trt) -> str:
 
 def lora_refit_weights(export_dir: Path, manifest: ExportManifest) -> list[str]:
     """Initializer names of the UNet's LoRA targets (the weights a LoRA switch refits)."""
-    import json
-
-    refit_map = json.loads((export_dir / (manifest.refit_map or "refit_map.json")).read_text())
+    refit_map = read_refit_map(export_dir, manifest.refit_map)
     return sorted({e["onnx"] for e in refit_map["weights"].values()})
 
 
@@ -150,31 +150,6 @@ def usable_timing_cache(path: Path | None, trt, say: Callable[[str], None]) -> P
     return path
 
 
-def free_device_memory() -> None:
-    """Collect garbage and return cached blocks to the driver (before parity runs and engine builds)."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def check_inputs(manifest: ExportManifest, graph: str, seed: int = CHECK_SEED) -> dict[str, Any]:
-    """The fixed input of the numeric check: seeded, shaped and typed as the graph's inputs (the timestep a
-    mid-schedule value)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in manifest.graphs[graph].inputs:
-        shape = [d if isinstance(d, int) else manifest.num_views for d in spec.shape]
-        if spec.name == "timestep":
-            feeds[spec.name] = np.full(shape, 499.0, dtype=spec.dtype)
-        else:
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return feeds
-
-
 def compare_with_onnxruntime(runner, onnx_path: Path, feeds: dict[str, Any], precision: str,
                              providers: list[str] | None = None) -> dict[str, Any]:
     """One Polygraphy comparison of ``runner`` (a TensorRT runner after a build or refit) against ONNX
@@ -184,7 +159,7 @@ def compare_with_onnxruntime(runner, onnx_path: Path, feeds: dict[str, Any], pre
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
 
-    from export.parity import compare
+    from mvz.artifacts.compare import compare
 
     atol, rtol = CHECK_TOLERANCE[precision]
     reference = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers or ["cpu"]), name="onnxruntime")
@@ -215,7 +190,7 @@ def build_one(spec: BuildSpec, plan_path: Path, manifest: ExportManifest, graph:
 
     _, _, engine_bytes = engine_loaders(spec, workspace_pool=trt.MemoryPoolType.WORKSPACE,
                                         refit_individual_flag=getattr(trt.BuilderFlag, "REFIT_INDIVIDUAL", None))
-    free_device_memory()
+    release_device_memory()
     t = time.perf_counter()
     try:
         plan = bytes(engine_bytes())
@@ -231,7 +206,7 @@ def build_one(spec: BuildSpec, plan_path: Path, manifest: ExportManifest, graph:
     seconds = time.perf_counter() - t
     check = compare_with_onnxruntime(TrtRunner(EngineFromBytes(plan), name="tensorrt"), spec.onnx,
                                      check_inputs(manifest, graph), spec.precision, _reference_providers())
-    free_device_memory()
+    release_device_memory()
     if not check["passed"]:
         raise EngineBuildError(
             f"the {graph} engine does not match ONNX Runtime (finite={check['finite']}, median rel err "
@@ -259,25 +234,6 @@ def new_engine_manifest(export_dir: Path, tensorrt_version: str, gpu: str, compu
                           builder_optimization_level=opt_level, workspace_bytes=int(workspace_bytes), created=now_iso())
 
 
-def gpu_identity(device=None) -> dict[str, Any]:
-    import torch
-
-    idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(idx)
-    return {"gpu": torch.cuda.get_device_name(idx), "compute_capability": f"{major}.{minor}"}
-
-
-def _trt_builder():
-    from engines.tensorrt_backend import unavailable_reason
-
-    reason = unavailable_reason(need_builder=True)
-    if reason:
-        raise BackendUnavailableError(reason)
-    import tensorrt as trt
-
-    return trt
-
-
 def build_engines(
     export_dir: str | Path,
     *,
@@ -290,7 +246,7 @@ def build_engines(
     on_stage: StageCallback | None = None,
 ) -> EngineManifest:
     """Build (or reuse, when current for this GPU, TensorRT and export) the engines of an export folder."""
-    trt = _trt_builder()
+    trt = load_tensorrt(need_builder=True)
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     if manifest.quantization:  # Q/DQ graphs: level 4 (NVIDIA's demo and ModelOpt's trtexec recipe for int8/fp8)

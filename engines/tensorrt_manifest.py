@@ -1,7 +1,7 @@
 """The engine manifest (``<export>/engines/mvz_engines.json``): which plans were built from which export, and
 whether they may serve here. Pure Python (no TensorRT import), so every check runs and is tested on a CPU.
 
-Integrity chain: the export manifest hashes every ONNX weight file (``export.manifest``); the engine manifest
+Integrity chain: the export manifest hashes every ONNX weight file (``mvz.artifacts.manifest``); the engine manifest
 records the sha256 of that export manifest file, of each plan file, and the ONNX hash each plan was built
 from. A plan folder copied next to another export (another LoRA, shapes or weights), a plan swapped for
 another, or an edited hash is refused with how to rebuild.
@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import ExportManifest, content_digest, manifest_sha256, sha256_file
+from mvz.artifacts.graphs import engine_profile
+from mvz.artifacts.manifest import ExportManifest, content_digest, manifest_sha256, sha256_file
 from mvz.errors import CheckpointError, ManifestMismatchError, ModelNotFoundError
 
 ENGINE_MANIFEST = "mvz_engines.json"
@@ -130,15 +131,7 @@ def find_engine_folder(path: Path) -> tuple[Path, Path]:
 
 
 def profile_shapes(manifest: ExportManifest, graph: str) -> dict[str, list[list[int]]]:
-    """Static profile (min = opt = max) from the export's I/O specs; a dynamic batch spans 1..batch prompts."""
-    out = {}
-    rows = manifest.batch * manifest.num_views
-    for spec in manifest.graphs[graph].inputs:
-        dims = list(spec.shape)
-        if all(isinstance(d, int) for d in dims):
-            out[spec.name] = [dims, dims, dims]
-        else:
-            lo = [manifest.num_views if not isinstance(d, int) else d for d in dims]
-            hi = [rows if not isinstance(d, int) else d for d in dims]
-            out[spec.name] = [lo, hi, hi]
-    return out
+    """The engine profile of a graph from the export's recorded I/O (``mvz.artifacts.graphs.engine_profile``):
+    static (min = opt = max); a dynamic batch spans 1..batch prompts."""
+    shapes = {spec.name: spec.shape for spec in manifest.graphs[graph].inputs}
+    return engine_profile(shapes, manifest.batch * manifest.num_views, min_rows=manifest.num_views)

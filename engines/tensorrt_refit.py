@@ -1,8 +1,8 @@
 """Switch the LoRA of a built UNet engine by refit: all or nothing, or :class:`RefitRefusedError`.
 
-The plan (``export.refit_map.plan_refit``, pure) names every weight the switch changes, or refuses. Here each
-new weight is fused one at a time from the model's PEFT layers (``export.fuse.fused_weight``: no copy of
-the UNet), cast to the refitter's prototype dtype, and sent by name; every ``set_named_weights`` result is
+The plan (``mvz.artifacts.refit_plan.plan_refit``, pure) names every weight the switch changes, or refuses.
+Here each new weight is fused one at a time from the model's PEFT layers (``mvz.models.lora.fused_weight``:
+no copy of the UNet), cast to the refitter's prototype dtype, and sent by name; every ``set_named_weights`` result is
 checked, weights TensorRT still asks for (``get_missing_weights``: e.g. a bias fused with a target) are read
 alone from the export's ONNX, and ``refit_cuda_engine`` must succeed. Only the changed weights are sent.
 
@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export.refit_map import RefitRefusedError, changed_by_switch, plan_refit, read_initializers, target_array
+from engines.tensorrt_common import check_inputs
+from mvz.artifacts.compare import compare, within
+from mvz.artifacts.graphs import UNetIO
+from mvz.artifacts.refit_plan import (
+    RefitRefusedError,
+    changed_by_switch,
+    plan_refit,
+    read_initializers,
+    target_array,
+)
 
 REBUILD = "The engine is rebuilt for this LoRA (mvz export --lora FILE --out DIR)."
 
@@ -35,7 +44,7 @@ def refit_unet(engine, trt, logger, refit_map: dict[str, Any], model, engine_has
     current LoRA (or none). Returns figures for the backend's info; raises :class:`RefitRefusedError`."""
     import torch
 
-    from export.fuse import fused_weight, peft_lora_modules
+    from mvz.models.lora import fused_weight, peft_lora_modules
 
     t0 = time.perf_counter()
     refitter = trt.Refitter(engine, logger)
@@ -79,16 +88,15 @@ def check_refit(run, model, manifest) -> dict:
     UNet (LoRA attached) on the fixed check input, with a NaN/inf check; a failure is a refusal (rebuild)."""
     import torch
 
-    from engines.tensorrt_build import check_inputs
-    from export.parity import compare, within
-    from export.wrappers import UNET_INPUTS, UNetWrapper
+    from mvz.models.attention import MVSettings
 
     dev = model.device
     feeds = {k: torch.from_numpy(v).to(dev) for k, v in check_inputs(manifest, "unet").items()}
     f = model.vae_scale_factor
-    wrapper = UNetWrapper(model.unet, manifest.num_views, manifest.height // f, manifest.width // f).eval()
+    settings = MVSettings(manifest.num_views, manifest.height // f, manifest.width // f)
     with torch.inference_mode():
-        ref = wrapper(*[feeds[n].to(model.dtype) if n != "timestep" else feeds[n] for n in UNET_INPUTS])
+        torch_feeds = {n: t if n == "timestep" else t.to(model.dtype) for n, t in feeds.items()}
+        ref = UNetIO.of(model).call_unet(model.unet, torch_feeds, settings)
         out = run(feeds)
     stats = compare(ref.float().cpu().numpy(), out.float().cpu().numpy())
     tol = REFIT_CHECK_TOLERANCE[manifest.precision]

@@ -2,10 +2,9 @@
 
 Speed-ups applied by :func:`optimize_unet` (compile / CUDA-graph variants):
 
-* fused QKV: each ``attn1`` runs one GEMM for q, k, v of the base branch and of the MV branch (6C wide);
-  the original ``to_q``/``to_k``/... weights become views into the fused weight (no extra memory). While
-  fused, the processors' state-dict keys change (``processor.qkv.weight``, ``processor.original.*``);
-  :func:`unfuse_qkv` restores them. Skipped when PEFT LoRA layers are attached (fuse the LoRA first);
+* fused QKV: each ``attn1`` runs one GEMM for q, k, v of the base branch and of the MV branch (6C wide),
+  the multiview processor's own optional step (``MVRowAttnProcessor.fuse_projections``: one forward, the
+  state-dict keys unchanged); :func:`unfuse_qkv` undoes it. Skipped when PEFT LoRA layers are attached;
 * channels-last memory format for the convolutions;
 * SDPA everywhere (the MV processors already use ``scaled_dot_product_attention``).
 """
@@ -15,88 +14,37 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engines.base import Backend, to_device
+from engines.base import Backend
+from mvz.devices import resolve_device
 from mvz.errors import BackendUnavailableError
-from mvz.models.attention import (
-    MVRowAttnProcessor,
-    MVSettings,
-    ProcessorModule,
-    _heads_merge,
-    _heads_split,
-    mv_grid,
-    row_multiview_attention,
-)
+from mvz.models.attention import MVRowAttnProcessor, MVSettings
 from mvz.pipeline import TorchDecoder, TorchDenoiser
 
 
-class FusedQKVMVProcessor(ProcessorModule):
-    """``MVRowAttnProcessor`` with one fused projection for q, k, v (+ the MV branch's q, k, v)."""
+def _mv_attentions(unet: nn.Module):
+    from diffusers.models.attention_processor import Attention
 
-    def __init__(self, attn, original: MVRowAttnProcessor):
-        super().__init__()
-        self.original = original  # to restore with unfuse_qkv
-        self.heads = original.heads
-        self.to_out_mv = original.to_out_mv
-        linears = [attn.to_q, attn.to_k, attn.to_v, original.to_q_mv, original.to_k_mv, original.to_v_mv]
-        c = attn.to_q.in_features
-        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-        self.qkv = nn.Linear(c, weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        self.qkv.weight = nn.Parameter(weight, requires_grad=False)
-        for i, lin in enumerate(linears):  # share storage: no second copy of the weights
-            lin.weight = nn.Parameter(self.qkv.weight.data[i * c:(i + 1) * c], requires_grad=False)
-        self.has_bias = [lin.bias is not None for lin in linears]
-        self.biases = [lin.bias for lin in linears]
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                num_views=None, latent_size=None, mv_scale=1.0):
-        residual = hidden_states
-        proj = self.qkv(hidden_states)
-        parts = list(proj.chunk(6, dim=-1))
-        for i, b in enumerate(self.biases):
-            if b is not None:
-                parts[i] = parts[i] + b
-        q, k, v, qm, km, vm = parts
-        q, k, v = _heads_split(q, attn.heads), _heads_split(k, attn.heads), _heads_split(v, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = attn.to_out[1](attn.to_out[0](_heads_merge(F.scaled_dot_product_attention(q, k, v)).to(q.dtype)))
-        if mv_scale != 0.0:
-            h, w = mv_grid(hidden_states, num_views, latent_size)
-            mv = row_multiview_attention(qm, km, vm, self.heads, int(num_views), h, w)
-            out = out + mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+    return [m for m in unet.modules() if isinstance(m, Attention) and isinstance(m.processor, MVRowAttnProcessor)]
 
 
 def fuse_qkv(unet: nn.Module) -> int:
-    """Install :class:`FusedQKVMVProcessor` on every MV ``attn1`` (in place). Returns how many."""
-    from diffusers.models.attention_processor import Attention
-
+    """Fuse the q/k/v projections of every MV ``attn1`` (``MVRowAttnProcessor.fuse_projections``, in
+    place). Returns how many; none while PEFT LoRA layers are attached (fuse the LoRA first)."""
     if getattr(unet, "peft_config", None):
         return 0
-    count = 0
-    for module in unet.modules():
-        if isinstance(module, Attention) and isinstance(module.processor, MVRowAttnProcessor):
-            module.processor = FusedQKVMVProcessor(module, module.processor)
-            count += 1
-    return count
+    attns = _mv_attentions(unet)
+    for attn in attns:
+        attn.processor.fuse_projections(attn)
+    return len(attns)
 
 
 def unfuse_qkv(unet: nn.Module) -> int:
-    from diffusers.models.attention_processor import Attention
-
-    count = 0
-    for module in unet.modules():
-        if isinstance(module, Attention) and isinstance(module.processor, FusedQKVMVProcessor):
-            module.processor = module.processor.original
-            count += 1
-    return count
+    attns = [a for a in _mv_attentions(unet) if a.processor.fused_qkv is not None]
+    for attn in attns:
+        attn.processor.unfuse_projections(attn)
+    return len(attns)
 
 
 def restore_unet(unet: nn.Module) -> None:
@@ -202,7 +150,7 @@ def create_torch_backend(name: str, model, *, num_views: int, device, compile_mo
                          fused_qkv: bool = True, channels_last: bool = True) -> Backend:
     if model is None:
         raise BackendUnavailableError(f"the {name} backend needs a loaded model.", "Load one with mvz.models.loading.load_model.")
-    dev = to_device(device)
+    dev = resolve_device(device)
     info = {"provider": "torch", "device": str(dev), "precision": str(model.dtype).replace("torch.", "")}
     if name == "torch":
         return Backend("torch", TorchDenoiser(model, num_views), TorchDecoder(model), info)

@@ -6,7 +6,7 @@ Public entry points:
 * :func:`export.fuse.fused_unet` / :func:`export.fuse.lora_fused_in_place` -- LoRA fusion (copy / in place);
 * :class:`export.wrappers.UNetWrapper` / :class:`export.wrappers.VAEDecoderWrapper` -- tensor-only modules;
 * :func:`export.onnx_export.export_graph` -- one module to one clean, checked graph;
-* :func:`export.manifest.read_manifest` / :func:`export.manifest.check_request` -- what an export is and
+* :func:`mvz.artifacts.manifest.read_manifest` / :func:`mvz.artifacts.manifest.check_request` -- what an export is and
   whether it fits a request;
 * :func:`export.refit_map.build_refit_map` / :func:`export.refit_map.plan_refit` -- TensorRT refit (all or nothing);
 * :func:`export.memory_plan.export_plan` -- the device-memory plan of an export and build.

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from export.manifest import (
+from mvz.artifacts.manifest import (
     MANIFEST_NAME,
     ExportManifest,
     GraphEntry,

@@ -7,10 +7,10 @@ Two sources:
 * a UNet that already carries PEFT LoRA layers (``load_model(..., lora=...)``): merged with PEFT's own
   ``merge()`` and unwrapped to plain ``nn.Linear`` layers.
 
-Three ways to apply it: :func:`fused_unet` on a deep copy (its MV processors share one copied
+Two ways to apply it: :func:`fused_unet` on a deep copy (its MV processors share one copied
 ``MVSettings``); :func:`lora_fused_in_place` in the UNet's own weights for the duration of a block, restored
-bit for bit afterwards (the export: never a second UNet on the GPU); :func:`fused_weight` one weight at a
-time from attached PEFT layers (the refit: nothing copied).
+bit for bit afterwards (the export: never a second UNet on the GPU). The refit fuses one weight at a time
+from attached PEFT layers (``mvz.models.lora.fused_weight``: nothing copied).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mvz.errors import CheckpointError, describe_key_mismatch
 from mvz.models.lora import LORA_TARGETS, has_lora, read_lora_file
+from mvz.state_dicts import check_state
 
 
 def lora_target_modules(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -48,12 +48,8 @@ def _checked_lora(unet: nn.Module, lora_path: str | Path, scale: float):
     for m, lin in targets.items():  # the keys and shapes a LoRA of this rank must have for this UNet
         expected[f"{m}.lora_A.weight"] = torch.empty(rank, lin.in_features, device="meta")
         expected[f"{m}.lora_B.weight"] = torch.empty(lin.out_features, rank, device="meta")
-    problem = describe_key_mismatch(sd, expected, noun="LoRA keys")
-    if problem:
-        raise CheckpointError(
-            f"LoRA {lora_path} does not fit this model: {problem}.",
-            "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).",
-        )
+    check_state(sd, expected, f"LoRA {lora_path} (for this model)",
+                "Use a LoRA trained for this model (same UNet, MV-Adapter and target modules).", noun="LoRA keys")
     factor = float(scale) * alpha / rank
     return sorted(targets), lambda m: factor * (sd[f"{m}.lora_B.weight"].float() @ sd[f"{m}.lora_A.weight"].float())
 
@@ -152,35 +148,3 @@ def changed_weights(base: nn.Module, fused: nn.Module, atol: float = 0.0) -> lis
         if q is None or q.shape != p.shape or not torch.allclose(q.float(), p.float(), atol=atol, rtol=0):
             out.append(name)
     return sorted(out)
-
-
-# ---- per-weight fusion (refit: no second UNet, one weight at a time) ---------------------------------
-def peft_lora_modules(unet: nn.Module) -> list[str]:
-    """Module paths of every PEFT LoRA layer attached to ``unet`` (the weights its LoRA changes)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer))
-
-
-def fused_weight(unet: nn.Module, module_path: str) -> torch.Tensor:
-    """The weight of ``module_path`` with the active LoRA adapters of its PEFT layer fused in, in float32
-    (``W + sum_a scaling_a · B_a @ A_a``, scaling = scale · alpha / r); the plain weight for a module without
-    LoRA. Nothing is modified and only this one weight is materialised."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layer = unet.get_submodule(module_path)
-    if not isinstance(layer, BaseTunerLayer):
-        return layer.weight.detach().float()
-    if layer.merged:
-        raise ValueError(f"LoRA layer {module_path} is merged already; its base weight is not the base model's")
-    base = layer.get_base_layer().weight.detach().float()
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
-            continue
-        if getattr(layer, "use_dora", {}).get(adapter):
-            raise ValueError(f"LoRA layer {module_path} uses DoRA, which refit by weight does not support")
-        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
-        base = base + float(layer.scaling[adapter]) * delta.to(base.device)
-    return base

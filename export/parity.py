@@ -1,10 +1,6 @@
 """Export-time parity: the graph run by ONNX Runtime against the PyTorch module on the same random inputs.
 
-Figures (on float64 copies of the outputs):
-
-* ``max_rel_err`` / ``median_rel_err``: ``|onnx - torch| / rms(torch)`` elementwise, max and median (the
-  RMS normalisation keeps near-zero reference values from blowing the ratio up);
-* ``max_abs_err``; ``cosine``: cosine similarity of the flattened outputs.
+The figures and tolerances are ``mvz.artifacts.compare``'s (shared with the engines' checks).
 
 A figure above tolerance raises :class:`ParityError` (the export is then not written).
 """
@@ -17,45 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from mvz.artifacts.compare import TOLERANCES, compare, within
 from mvz.errors import MvzError
 
-# per precision: (max_rel_err, median_rel_err, min cosine)
-TOLERANCES: dict[str, tuple[float, float, float]] = {
-    "fp32": (1e-3, 1e-4, 0.999999),
-    "fp16": (5e-2, 5e-3, 0.9995),
-    # Q/DQ graph vs ModelOpt's fake-quant module: the same scales, but a value on a rounding boundary may land
-    # one quantization step apart (ORT rounds half to even) and that step propagates
-    "int8": (2.5e-1, 5e-2, 0.998),  # seen on tiny, 6 views: max 0.149, median 0.0206, cosine 0.99943
-    "fp8": (2.5e-1, 5e-2, 0.998),
-}
+__all__ = ["TOLERANCES", "ParityError", "check_graph_parity", "compare", "ort_session", "run_onnx", "within"]
 
 
 class ParityError(MvzError):
     """An exported graph does not reproduce its PyTorch module within tolerance."""
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    out = np.asarray(candidate, dtype=np.float64).ravel()
-    if ref.shape != out.shape:
-        raise ValueError(f"shape mismatch {ref.shape} vs {out.shape}")
-    diff = np.abs(out - ref)
-    rms = float(np.sqrt(np.mean(ref**2))) or 1.0
-    rel = diff / rms
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(out))
-    cosine = float(np.dot(ref, out) / denom) if denom > 0 else (1.0 if not diff.any() else 0.0)
-    return {
-        "max_abs_err": float(diff.max(initial=0.0)),
-        "max_rel_err": float(rel.max(initial=0.0)),
-        "median_rel_err": float(np.median(rel)) if rel.size else 0.0,
-        "cosine": cosine,
-        "finite": bool(np.isfinite(out).all()),
-    }
-
-
-def within(stats: dict[str, float], precision: str, tolerances: tuple[float, float, float] | None = None) -> bool:
-    max_rel, med_rel, cos = tolerances or TOLERANCES[precision]
-    return bool(stats["finite"] and stats["max_rel_err"] <= max_rel and stats["median_rel_err"] <= med_rel and stats["cosine"] >= cos)
 
 
 def ort_session(path: str | Path, providers: Sequence[str] | None = None):

@@ -1,5 +1,8 @@
 """Tensor-only modules with the Denoiser / Decoder signatures, ready for tracing.
 
+Their inputs and outputs (names, shapes, dtypes, sample inputs) are the graph I/O specs'
+(``mvz.artifacts.graphs``); these modules only give a torch module that signature.
+
 * :class:`UNetWrapper`: ``eps = f(sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond,
   cam_0..cam_3)``. The camera residuals are graph inputs (the T2I-Adapter stays outside: its outputs are
   constants per camera set). The number of views, the latent grid and the MV scale are baked into each
@@ -17,15 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mvz.artifacts.graphs import IOShape, UNetIO, VAEDecoderIO, torch_dtype_name
 from mvz.models.attention import MVSettings
 
-UNET_INPUTS = (
-    "sample", "timestep", "prompt_embeds", "text_embeds", "time_ids", "timestep_cond",
-    "cam_0", "cam_1", "cam_2", "cam_3",
-)
-UNET_OUTPUTS = ("eps",)
-VAE_INPUTS = ("latents",)
-VAE_OUTPUTS = ("images",)
+# the graphs' names, as the graph I/O specs own them (the exporter passes them to torch.onnx)
+UNET_INPUTS, UNET_OUTPUTS = UNetIO.input_names, UNetIO.output_names
+VAE_INPUTS, VAE_OUTPUTS = VAEDecoderIO.input_names, VAEDecoderIO.output_names
 
 
 class UNetWrapper(nn.Module):
@@ -35,27 +35,17 @@ class UNetWrapper(nn.Module):
         self.settings = MVSettings(int(num_views), int(latent_height), int(latent_width), float(mv_scale))
 
     def forward(self, sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3):
-        return self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states=prompt_embeds,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-            down_intrablock_additional_residuals=[cam_0, cam_1, cam_2, cam_3],
-            cross_attention_kwargs=self.settings.attention_kwargs(),
-            return_dict=False,
-        )[0]
+        args = (sample, timestep, prompt_embeds, text_embeds, time_ids, timestep_cond, cam_0, cam_1, cam_2, cam_3)
+        return UNetIO.call_unet(self.unet, dict(zip(UNET_INPUTS, args, strict=True)), self.settings)
 
 
 class VAEDecoderWrapper(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latents):
-        images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return VAEDecoderIO.call_vae(self.vae, latents)
 
 
 class TextEncoderWrapper(nn.Module):
@@ -76,32 +66,13 @@ class TextEncoderWrapper(nn.Module):
 
 def unet_example_inputs(model, unet_dtype: torch.dtype, rows: int, height: int, width: int, seed: int = 0,
                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Random but realistic UNet inputs for tracing and parity: [rows, ...] each, float32 timestep."""
-    from mvz.models.cameras import CameraSet
-    from mvz.scheduler import guidance_embedding
-
-    g = torch.Generator("cpu").manual_seed(seed)
-    f = model.vae_scale_factor
-    h, w = height // f, width // f
-    ctx_dim = int(model.unet.config.cross_attention_dim)
-    text_dim = int(model.text_encoder_2.config.projection_dim)
-    cams = [tuple(r.shape[1:]) for r in model.camera_residuals(CameraSet.default(), height, width)]
-    gdim = model.guidance_dim or 1
-    t = [
-        torch.randn(rows, model.latent_channels, h, w, generator=g),
-        torch.tensor([499.0]),
-        torch.randn(rows, 77, ctx_dim, generator=g),
-        torch.randn(rows, text_dim, generator=g),
-        torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(rows, -1).contiguous(),
-        guidance_embedding(6.0, gdim, batch=rows).float() if model.guidance_dim else torch.zeros(rows, 1),
-        *[0.5 * torch.randn(rows, *s, generator=g) for s in cams],
-    ]
-    return tuple(x.to(device=device, dtype=torch.float32 if i == 1 else unet_dtype) for i, x in enumerate(t))
+    """Random but realistic UNet inputs for tracing and parity, in the wrapper's order
+    (``mvz.artifacts.graphs.UNetIO.sample_inputs``)."""
+    feeds = UNetIO.of(model).sample_inputs(IOShape(rows, height, width), torch_dtype_name(unet_dtype), seed, device)
+    return tuple(feeds[n] for n in UNET_INPUTS)
 
 
 def vae_example_inputs(model, vae_dtype: torch.dtype, rows: int, height: int, width: int, seed: int = 1,
                        device: torch.device | str = "cpu") -> tuple[torch.Tensor]:
-    g = torch.Generator("cpu").manual_seed(seed)
-    f = model.vae_scale_factor
-    z = torch.randn(rows, model.latent_channels, height // f, width // f, generator=g)
-    return (z.to(device=device, dtype=vae_dtype),)
+    feeds = VAEDecoderIO.of(model).sample_inputs(IOShape(rows, height, width), torch_dtype_name(vae_dtype), seed, device)
+    return (feeds["latents"],)

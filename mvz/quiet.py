@@ -13,18 +13,11 @@ def quiet_libraries() -> None:
         return
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import diffusers.utils.logging as dlog
+    import diffusers.utils.logging as dlog  # core dependencies: always installed
+    import transformers.utils.logging as tlog
 
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
     _done = True

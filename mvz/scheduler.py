@@ -1,7 +1,7 @@
 """Shifted-SNR LCM maths: pure float32 functions of (alphas_cumprod, timesteps).
 
-Shared by sampling, training (log-probs) and ZMV inversion. Facts from
-``shared/reference/mvczigal.md`` §3:
+Shared by sampling, training (log-probs) and ZMV inversion. Facts (MVC-ZigAL's schedule; summarised in
+``docs/architecture.md``, *Scheduler*):
 
 * base schedule: scaled_linear betas 0.00085 -> 0.012 over T = 1000;
 * shifted SNR ("interpolated", scale 8): ``log SNR'(t) = log SNR(t) - (t/999) log 8``, converted back to

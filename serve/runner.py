@@ -173,7 +173,7 @@ def make_runner(model, cfg: RunnerConfig, load_s: float = 0.0) -> ModelRunner:
                     lora_scale=model.info.lora_scale if model.info.lora else None)
     max_batch = cfg.max_batch
     if cfg.backend in ("onnxruntime", "tensorrt"):
-        from export.manifest import read_manifest
+        from mvz.artifacts.manifest import read_manifest
 
         manifest = read_manifest(Path(cfg.engines))
         limits.fixed_views, limits.fixed_resolution = manifest.num_views, manifest.height

@@ -146,6 +146,39 @@ def test_processor_row_attention_non_square_levels_match_naive(latent):
             assert (wrong - want).abs().max() > 1e-3, f"a swapped {w}x{h} grid must give other rows at /{factor}"
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_projection_equals_the_unfused_one(bias):
+    """``fuse_projections`` (one GEMM for the six q/k/v projections) gives the unfused output, keeps the
+    state-dict keys, and really runs (the Linear it replaces no longer counts)."""
+    from diffusers.models.attention_processor import Attention
+
+    from mvz.models.attention import MVRowAttnProcessor
+
+    torch.manual_seed(1)
+    c, heads, v, h, w = 16, 2, 3, 2, 4
+    attn = Attention(query_dim=c, heads=heads, dim_head=c // heads, bias=bias).double()
+    proc = MVRowAttnProcessor(c, heads).double()
+    for p in proc.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    attn.set_processor(proc)
+    kw = MVSettings(num_views=v, latent_height=h, latent_width=w, mv_scale=0.7).attention_kwargs()
+    x = torch.randn(2 * v, h * w, c, dtype=torch.float64)
+    keys = set(attn.state_dict())
+    with torch.no_grad():
+        ref = attn(x, **kw)
+        proc.fuse_projections(attn)
+        assert proc.fused_qkv.shape == (6 * c, c) and set(attn.state_dict()) == keys
+        assert attn.to_k.weight.data_ptr() == proc.fused_qkv[c:].data_ptr()  # a view: no second copy
+        torch.testing.assert_close(attn(x, **kw), ref, rtol=1e-12, atol=1e-12)
+        view = proc.to_k_mv.weight  # the fused GEMM, not the Linear, computes the MV keys now
+        proc.to_k_mv.weight = torch.nn.Parameter(torch.zeros_like(view))
+        torch.testing.assert_close(attn(x, **kw), ref, rtol=1e-12, atol=1e-12)
+        proc.to_k_mv.weight = view
+        proc.unfuse_projections(attn)
+        assert proc.fused_qkv is None
+        torch.testing.assert_close(attn(x, **kw), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_processor_needs_the_per_call_settings():
     attn, _ = _mv_attention_block(8, 2)
     with pytest.raises(ValueError, match="cross_attention_kwargs"):

@@ -150,8 +150,9 @@ def test_unavailable_backends_say_why(model):
 
 
 def test_fused_qkv_matches_the_unfused_unet(model):
-    from engines.torch_backend import FusedQKVMVProcessor, fuse_qkv, unfuse_qkv
+    from engines.torch_backend import fuse_qkv, unfuse_qkv
     from export.wrappers import UNetWrapper, unet_example_inputs
+    from mvz.models.attention import mv_processors
 
     unet = copy.deepcopy(model.unet)
     args = unet_example_inputs(model, torch.float32, VIEWS, RES, RES)
@@ -159,15 +160,19 @@ def test_fused_qkv_matches_the_unfused_unet(model):
     with torch.no_grad():
         ref = wrap(*args)
         n = fuse_qkv(unet)
-        assert n > 0 and sum(isinstance(p, FusedQKVMVProcessor) for p in unet.attn_processors.values()) == n
+        procs = list(mv_processors(unet).values())
+        assert n > 0 and sum(p.fused_qkv is not None for p in procs) == n
         fused = wrap(*args)
-        # the fused processor really runs: perturbing its weight changes the output
-        proc = next(p for p in unet.attn_processors.values() if isinstance(p, FusedQKVMVProcessor))
-        proc.qkv.weight.mul_(1.5)
+        # the fused projection really runs: perturbing the fused weight changes the output
+        saved = procs[0].fused_qkv.clone()
+        procs[0].fused_qkv.mul_(1.5)
         assert (wrap(*args) - fused).abs().max() > 1e-4
-        proc.qkv.weight.div_(1.5)
+        procs[0].fused_qkv.copy_(saved)
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
-    assert unfuse_qkv(unet) == n
+    assert set(unet.state_dict()) == set(model.unet.state_dict())  # the keys stay MV-Adapter's while fused
+    assert unfuse_qkv(unet) == n and all(p.fused_qkv is None for p in procs)
+    with torch.no_grad():
+        torch.testing.assert_close(wrap(*args), ref, atol=0, rtol=0)
 
 
 def _fixed_unet_inputs(model, views=VIEWS, prompts=1, res=RES):

@@ -18,16 +18,16 @@ pytest.importorskip("onnxruntime")
 
 from export.exporter import export_model  # noqa: E402
 from export.fuse import changed_weights, fused_unet, lora_deltas  # noqa: E402
-from export.manifest import (  # noqa: E402
+from export.onnx_export import float_initializer_dtypes, graph_io  # noqa: E402
+from export.refit_map import build_refit_map, lora_changed_names, mapped_weights  # noqa: E402
+from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs  # noqa: E402
+from mvz.artifacts.manifest import (  # noqa: E402
     MANIFEST_NAME,
     ExportManifest,
     check_request,
     read_manifest,
     verify_graph_files,
 )
-from export.onnx_export import float_initializer_dtypes, graph_io  # noqa: E402
-from export.refit_map import build_refit_map, lora_changed_names, mapped_weights  # noqa: E402
-from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs  # noqa: E402
 from mvz.errors import CheckpointError, ManifestMismatchError, MvzError  # noqa: E402
 
 # The smallest export that still tests the real thing: 2 views (row attention across views), 32 px (the
@@ -184,7 +184,7 @@ def test_polygraphy_runs_the_graphs_with_onnxruntime(base_export):
 
 # ---- manifests ----------------------------------------------------------------------------------
 def test_manifest_round_trips_and_mismatches_are_refused(model, base_export, tmp_path):
-    from export.manifest import model_fingerprint
+    from mvz.artifacts.manifest import model_fingerprint
 
     m = read_manifest(base_export.folder)
     assert ExportManifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
@@ -299,7 +299,7 @@ def test_cli_help_is_cheap():
 def test_fingerprint_of_random_weights_ignores_an_attached_lora(model, lora_file):
     """A random-weight model (fingerprinted by its parameters) keeps its fingerprint when a LoRA is attached
     (PEFT renames the wrapped weights to ``*.base_layer.weight``)."""
-    from export.manifest import model_fingerprint
+    from mvz.artifacts.manifest import model_fingerprint
     from mvz.models.lora import load_lora
 
     m = copy.copy(model)

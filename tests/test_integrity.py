@@ -23,9 +23,8 @@ from test_export import make_lora  # noqa: E402
 from engines.tensorrt_build import BuildSpec, new_engine_manifest, record_plan  # noqa: E402
 from engines.tensorrt_manifest import ENGINES_SUBDIR, EngineManifest, check_engines, profile_shapes  # noqa: E402
 from export.exporter import export_model  # noqa: E402
-from export.fuse import fused_weight, peft_lora_modules  # noqa: E402
-from export.manifest import MANIFEST_NAME, read_manifest, verify_graph_files  # noqa: E402
-from export.refit_map import (  # noqa: E402
+from mvz.artifacts.manifest import MANIFEST_NAME, read_manifest, verify_graph_files  # noqa: E402
+from mvz.artifacts.refit_plan import (  # noqa: E402
     REFIT_MAP_NAME,
     RefitRefusedError,
     changed_by_switch,
@@ -34,6 +33,7 @@ from export.refit_map import (  # noqa: E402
     target_array,
 )
 from mvz.errors import CheckpointError, ManifestMismatchError  # noqa: E402
+from mvz.models.lora import fused_weight, peft_lora_modules  # noqa: E402
 
 RES, VIEWS, SCALE = 32, 2, 0.8
 

@@ -176,18 +176,16 @@ def test_model_card_written(tiny_model):
     assert card["name"] == "tiny" and card["default_resolution"] == 64
 
 
-def test_vae_fp16_policy_does_not_trust_the_preset_name_for_an_overridden_vae(tmp_path):
-    """The preset name vouches for its own (fp16-fix) VAE only; a --vae-model override runs fp32 unless fp16-fix."""
-    from mvz.models.loading import ResolvedSources, _default_vae_dtype, vae_fp16_safe
+def test_vae_fp16_policy_is_the_vae_configs_force_upcast():
+    """diffusers' policy: fp16 only where the VAE config says ``force_upcast: false`` (the fp16-fix weights);
+    the stock SDXL VAE (force_upcast true, or unset) runs fp32 whatever the preset's name or the file's path."""
+    from mvz.models.loading import default_vae_dtype
 
-    cpu = torch.device("cpu")
-    hub = ResolvedSources(name="sdxl-lcm", vae=tmp_path / "models--madebyollin--sdxl-vae-fp16-fix" / "snapshots" / "x")
-    assert _default_vae_dtype(hub, torch.float16, cpu) == torch.float16
-    stock = ResolvedSources(name="sdxl-lcm", vae=tmp_path / "models--stabilityai--sdxl-vae" / "snapshots" / "x")
-    assert _default_vae_dtype(stock, torch.float16, cpu) == torch.float16  # the preset's own folder: trusted
-    assert _default_vae_dtype(stock, torch.float16, cpu, vae_overridden=True) == torch.float32
-    assert vae_fp16_safe(hub, vae_overridden=True)
-    assert _default_vae_dtype(stock, torch.bfloat16, cpu, vae_overridden=True) == torch.bfloat16
+    fix, stock, unset = {"force_upcast": False}, {"force_upcast": True}, {}
+    assert default_vae_dtype(fix, torch.float16) == torch.float16
+    assert default_vae_dtype(stock, torch.float16) == torch.float32
+    assert default_vae_dtype(unset, torch.float16) == torch.float32
+    assert default_vae_dtype(stock, torch.bfloat16) == torch.bfloat16  # only fp16 overflows
 
 
 def test_decode_runs_in_the_vae_dtype_inside_autocast(tiny_model):

@@ -191,7 +191,7 @@ def test_fp8_graph_has_standard_float8_qdq(tmp_path):
 # ---- refusals -------------------------------------------------------------------------------------------
 
 def _manifest(quantized: bool, lora=None):
-    from export.manifest import ExportManifest
+    from mvz.artifacts.manifest import ExportManifest
 
     return ExportManifest(model={"name": "tiny"}, lora=lora, num_views=2, height=64, width=64, batch=1,
                           dynamic_batch=False, precision="int8" if quantized else "fp16", vae_precision="fp32",
@@ -200,7 +200,7 @@ def _manifest(quantized: bool, lora=None):
 
 
 def test_manifest_refuses_lora_refit_of_a_quantized_unet():
-    from export.manifest import ExportManifest, refuse_quantized_refit
+    from mvz.artifacts.manifest import ExportManifest, refuse_quantized_refit
     from mvz.errors import ManifestMismatchError
 
     lora = {"path": "/x/l.safetensors", "sha256": "abc", "scale": 1.0}

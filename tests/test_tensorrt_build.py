@@ -14,7 +14,7 @@ pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime")
 
 from engines import tensorrt_build as tb  # noqa: E402
-from export.manifest import ExportManifest, GraphEntry, TensorSpec  # noqa: E402
+from mvz.artifacts.manifest import ExportManifest, GraphEntry, TensorSpec  # noqa: E402
 
 FAKE_TRT = SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
                            BuilderFlag=SimpleNamespace(REFIT_INDIVIDUAL="REFIT_INDIVIDUAL"), __version__="10.0.0")

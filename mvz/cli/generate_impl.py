@@ -125,7 +125,7 @@ def _check_request(req: GenerateRequest) -> list[str]:
 def _create_backend_or_rebuild(create_backend, req: GenerateRequest, model, num_views: int, res: int, device, console):
     """The backend; for TensorRT engines whose LoRA cannot be switched by refit, the CLI (never the runtime)
     rebuilds: after the ``except`` block, so the failed refit's engine and refitter are released first."""
-    from export.refit_map import RefitRefusedError
+    from mvz.artifacts.refit_plan import RefitRefusedError
 
     kwargs = {"num_views": num_views, "height": res, "width": res, "batch": req.batch_size, "device": device}
     why = None

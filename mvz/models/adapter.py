@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch
+from mvz.errors import CheckpointError, ModelNotFoundError
 from mvz.models.attention import mv_processors
+from mvz.state_dicts import check_state
 
 
 def build_camera_adapter(unet_config, vae_scale_factor: int = 8):
@@ -50,12 +51,8 @@ def load_mvadapter_file(path: str | Path, unet, adapter) -> None:
         for k, v in proc.state_dict().items():
             expected[f"{name}.{k}"] = v
     expected.update(adapter.state_dict())
-    problem = describe_key_mismatch(sd, expected)
-    if problem:
-        raise CheckpointError(
-            f"MV-Adapter file {path} does not fit this UNet: {problem}.",
-            "Use the T2MV SDXL adapter (mvadapter_t2mv_sdxl.safetensors) with an SDXL-layout UNet.",
-        )
+    check_state(sd, expected, f"MV-Adapter file {path} (for this UNet)",
+                "Use the T2MV SDXL adapter (mvadapter_t2mv_sdxl.safetensors) with an SDXL-layout UNet.")
     for name, proc in mv_processors(unet).items():
         prefix = f"{name}."
         proc.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)

@@ -8,7 +8,7 @@ read the same normed input x:
     out = (to_out(SA(x)) + mv_scale · to_out_mv(RowMVA(x))) / rescale_output_factor
 
 RowMVA lets every token attend to the same image row in all V views (its own included). It is done by
-reshape only (reference `mvadapter.md` §1 "reshape-only equivalent"): no per-view copy of K/V. Every
+reshape only (``docs/architecture.md``, *Row-wise attention by reshape*): no per-view copy of K/V. Every
 reshape keeps the batch axis as -1, so a traced or exported graph never freezes the batch.
 
 Per-call settings travel with the call: the number of views, the latent size (from which each UNet level's
@@ -23,7 +23,7 @@ compiled, CUDA graph, a trainer's DDP copy) can share one UNet without writing i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,11 +48,6 @@ class MVSettings:
         """The UNet's ``cross_attention_kwargs`` for this call (plain Python values: baked into a trace)."""
         return {"num_views": int(self.num_views), "latent_size": (int(self.latent_height), int(self.latent_width)),
                 "mv_scale": float(self.mv_scale)}
-
-    def for_sample(self, sample: torch.Tensor, num_views: int) -> MVSettings:
-        """These settings for a UNet input ``sample[B·V, C, h, w]`` of ``num_views`` views per prompt."""
-        return replace(self, num_views=int(num_views), latent_height=int(sample.shape[-2]),
-                       latent_width=int(sample.shape[-1]))
 
 
 def token_grid(latent_size: tuple[int, int], seq_len: int) -> tuple[int, int]:
@@ -84,9 +79,12 @@ def standard_attention(attn, hidden_states: torch.Tensor, context: torch.Tensor 
     context = hidden_states if context is None else context
     if attn.norm_cross and context is not hidden_states:
         context = attn.norm_encoder_hidden_states(context)
-    q = _heads_split(attn.to_q(hidden_states), attn.heads)
-    k = _heads_split(attn.to_k(context), attn.heads)
-    v = _heads_split(attn.to_v(context), attn.heads)
+    return attention_output(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+
+
+def attention_output(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """to_out(SDPA(q, k, v)) of projected (N, L, C) queries, keys and values, per head of ``attn``."""
+    q, k, v = (_heads_split(x, attn.heads) for x in (q, k, v))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
@@ -151,7 +149,12 @@ class PlainAttnProcessor(ProcessorModule):
 
 
 class MVRowAttnProcessor(ProcessorModule):
-    """Self-attention plus the parallel row-wise multiview branch (MV-Adapter ``attn1``)."""
+    """Self-attention plus the parallel row-wise multiview branch (MV-Adapter ``attn1``).
+
+    Optionally with fused projections (:meth:`fuse_projections`, as diffusers' ``fuse_projections``): one
+    GEMM for q, k, v of the base branch and of the MV branch (6C wide); the six ``Linear`` weights then
+    become views into the fused weight (no second copy), kept out of the state dict (a non-persistent
+    buffer), so the keys stay MV-Adapter's. :meth:`unfuse_projections` returns to six GEMMs."""
 
     def __init__(self, query_dim: int, heads: int):
         super().__init__()
@@ -160,6 +163,40 @@ class MVRowAttnProcessor(ProcessorModule):
         self.to_k_mv = nn.Linear(query_dim, query_dim, bias=False)
         self.to_v_mv = nn.Linear(query_dim, query_dim, bias=False)
         self.to_out_mv = nn.ModuleList([nn.Linear(query_dim, query_dim, bias=True), nn.Dropout(0.0)])
+        self.register_buffer("fused_qkv", None, persistent=False)  # [6C, C] while fused
+
+    def _linears(self, attn) -> list[nn.Linear]:
+        return [attn.to_q, attn.to_k, attn.to_v, self.to_q_mv, self.to_k_mv, self.to_v_mv]
+
+    @torch.no_grad()
+    def fuse_projections(self, attn) -> None:
+        """One weight for the six q/k/v projections; the ``Linear`` weights become views into it."""
+        if self.fused_qkv is not None:
+            return
+        linears = self._linears(attn)
+        c = attn.to_q.in_features
+        self.fused_qkv = torch.cat([lin.weight.detach() for lin in linears])
+        for i, lin in enumerate(linears):  # share storage: no second copy of the weights
+            lin.weight = nn.Parameter(self.fused_qkv[i * c:(i + 1) * c], requires_grad=False)
+
+    @torch.no_grad()
+    def unfuse_projections(self, attn) -> None:
+        """Back to six projections, each with its own storage (the fused buffer is dropped)."""
+        if self.fused_qkv is None:
+            return
+        for lin in self._linears(attn):
+            lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        self.fused_qkv = None
+
+    def projections(self, attn, x: torch.Tensor) -> list[torch.Tensor]:
+        """q, k, v of the base branch and of the MV branch: six GEMMs, or one when fused."""
+        if self.fused_qkv is None:
+            return [lin(x) for lin in self._linears(attn)]
+        parts = list(F.linear(x, self.fused_qkv).chunk(6, dim=-1))
+        for i, lin in enumerate(self._linears(attn)):
+            if lin.bias is not None:
+                parts[i] = parts[i] + lin.bias
+        return parts
 
     @torch.no_grad()
     def init_from_attention(self, attn) -> None:
@@ -175,18 +212,11 @@ class MVRowAttnProcessor(ProcessorModule):
         if encoder_hidden_states is not None:
             raise ValueError("MVRowAttnProcessor is for self-attention (attn1) only")
         residual = hidden_states
-        out = standard_attention(attn, hidden_states, None)
+        q, k, v, q_mv, k_mv, v_mv = self.projections(attn, hidden_states)
+        out = attention_output(attn, q, k, v)
         if mv_scale != 0.0:
             h, w = mv_grid(hidden_states, num_views, latent_size)
-            mv = row_multiview_attention(
-                self.to_q_mv(hidden_states),
-                self.to_k_mv(hidden_states),
-                self.to_v_mv(hidden_states),
-                self.heads,
-                int(num_views),
-                h,
-                w,
-            )
+            mv = row_multiview_attention(q_mv, k_mv, v_mv, self.heads, int(num_views), h, w)
             out = out + mv_scale * self.to_out_mv[1](self.to_out_mv[0](mv))
         if attn.residual_connection:
             out = out + residual

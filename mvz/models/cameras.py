@@ -1,6 +1,6 @@
 """Orthographic multiview cameras and their constant Plücker maps (MV-Adapter T2MV).
 
-Facts (``mvadapter.md`` §2): orthographic, elevation 0, distance 1.8, up +z, azimuths
+Facts (``docs/architecture.md``, *Cameras*): orthographic, elevation 0, distance 1.8, up +z, azimuths
 0/45/90/180/270/315 passed to the camera builder as ``azimuth - 90``; Blender-style c2w converted to
 OpenCV; each view is the spatially constant 6-vector ``[view_dir, normalize(cam_pos)]`` and the adapter
 input is ``clamp((x + 1) / 2, 0, 1)``.

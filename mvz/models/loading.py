@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, DeviceError, ModelNotFoundError, summarize_keys
+from mvz.devices import resolve_device, resolve_dtype  # noqa: F401  (re-exported: the CLI resolves with them)
+from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
 from mvz.models.specs import ADAPTER_FILENAME, MODEL_CARD, PRESETS, HubSource, PresetSpec, shipped_config
 from mvz.paths import models_dir
 
@@ -159,32 +160,6 @@ def _missing(res: ResolvedSources, model: str) -> list[str]:
     return out
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"device {device!r} is not a valid torch device.", "Use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} was asked for but CUDA is not available here.", "Use --device cpu.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPUs).", "Pick another index.")
-    return dev
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in table:
-        raise DeviceError(f"dtype {dtype!r} is not supported.", "Use fp16, bf16 or fp32.")
-    if table[dtype] == torch.float16 and device.type == "cpu":
-        raise DeviceError("fp16 on the CPU is not supported (many CPU kernels lack half precision).", "Use --dtype fp32 or bf16.")
-    return table[dtype]
-
-
 def _diffusers_load(cls, folder: Path, what: str):
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{what} folder {folder} has no config.json.", "Point to a diffusers-format folder.")
@@ -311,8 +286,7 @@ def load_model(
         sched_cfg = json.loads((res.base / "scheduler" / "scheduler_config.json").read_text())
     mv = MultiviewModel(unet, vae, te1, te2, tokenizer, tokenizer_2, cam_adapter, settings, info, sched_cfg)
     mv.to(device=dev, dtype=dt)
-    info.vae_fp16_safe = vae_fp16_safe(res, vae_overridden=bool(vae_model))
-    mv.vae.to(device=dev, dtype=vae_dtype or _default_vae_dtype(res, dt, dev, vae_overridden=bool(vae_model)))
+    mv.vae.to(device=dev, dtype=vae_dtype or default_vae_dtype(mv.vae.config, dt))
     mv.eval()
     if lora:
         from mvz.models.lora import load_lora
@@ -334,19 +308,15 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _default_vae_dtype(res: ResolvedSources, dt: torch.dtype, dev: torch.device, vae_overridden: bool = False) -> torch.dtype:
-    """fp16 VAE only with the fp16-fix weights (or random/tiny weights); otherwise fp32.
+def default_vae_dtype(vae_config, dt: torch.dtype) -> torch.dtype:
+    """The model's dtype for the VAE, except fp16 where the VAE's config says it must upcast
+    (``force_upcast``, diffusers' own policy: false for the fp16-fix weights, true for the stock SDXL VAE,
+    which overflows to NaN in fp16): then fp32."""
+    from mvz.models.multiview import vae_fp16_safe
 
-    The preset name vouches for the preset's own VAE only: a ``--vae-model`` override (e.g. the original
-    SDXL VAE, which overflows in fp16) must carry "fp16-fix" in its path to run in fp16."""
     if dt != torch.float16:
         return dt
-    return torch.float16 if vae_fp16_safe(res, vae_overridden) else torch.float32
-
-
-def vae_fp16_safe(res: ResolvedSources, vae_overridden: bool = False) -> bool:
-    vae_name = str(res.vae or "")
-    return "fp16-fix" in vae_name or "fp16_fix" in vae_name or (not vae_overridden and res.name in ("tiny", "sdxl-lcm"))
+    return torch.float16 if vae_fp16_safe(vae_config) else torch.float32
 
 
 def _random_tokenizers() -> Path:

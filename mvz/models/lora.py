@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+from mvz.state_dicts import check_state
 
 LORA_FILENAME = "mvczigal_lcm_sdxl_lora.safetensors"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0")
@@ -120,13 +121,12 @@ def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = AD
         unet.delete_adapters(adapter_name)
     add_lora(unet, rank=rank, alpha=alpha, init=True, adapter_name=adapter_name)
     expected = lora_state_dict(unet, adapter_name)
-    problem = describe_key_mismatch(sd, expected)
-    if problem:
+    try:
+        check_state(sd, expected, f"LoRA {path} (for this model)",
+                    "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).")
+    except CheckpointError:
         unet.delete_adapters(adapter_name)
-        raise CheckpointError(
-            f"LoRA {path} does not fit this model: {problem}.",
-            "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).",
-        )
+        raise
     ref = next(iter(expected.values()))
     result = set_peft_model_state_dict(unet, {k: v.to(ref.dtype) for k, v in sd.items()}, adapter_name=adapter_name)
     leftovers = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
@@ -169,3 +169,35 @@ def save_lora(unet, path: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
     meta = {"format": "pt", "lora_rank": str(cfg.r), "lora_alpha": str(cfg.r), "trained_lora_alpha": str(cfg.lora_alpha),
             "producer": "mvz"}
     return save_safetensors(path, sd, metadata=meta)
+
+
+# ---- per-weight fusion (the TensorRT refit: no second UNet, one weight at a time) -----------------------
+def peft_lora_modules(unet: torch.nn.Module) -> list[str]:
+    """Module paths of every PEFT LoRA layer attached to ``unet`` (the weights its LoRA changes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer))
+
+
+def fused_weight(unet: torch.nn.Module, module_path: str) -> torch.Tensor:
+    """The weight of ``module_path`` with the active LoRA adapters of its PEFT layer fused in, in float32
+    (``W + sum_a scaling_a · B_a @ A_a``, scaling = scale · alpha / r); the plain weight for a module without
+    LoRA. Nothing is modified and only this one weight is materialised."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = unet.get_submodule(module_path)
+    if not isinstance(layer, BaseTunerLayer):
+        return layer.weight.detach().float()
+    if layer.merged:
+        raise ValueError(f"LoRA layer {module_path} is merged already; its base weight is not the base model's")
+    base = layer.get_base_layer().weight.detach().float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        if getattr(layer, "use_dora", {}).get(adapter):
+            raise ValueError(f"LoRA layer {module_path} uses DoRA, which refit by weight does not support")
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        base = base + float(layer.scaling[adapter]) * delta.to(base.device)
+    return base

@@ -27,7 +27,6 @@ class ModelInfo:
     random_weights: bool = False
     lora: str | None = None
     lora_scale: float = 1.0
-    vae_fp16_safe: bool | None = None  # whether the VAE weights may run in fp16 (fp16-fix); None = unknown
 
 
 @dataclass
@@ -99,14 +98,11 @@ class MultiviewModel:
 
     def release_unet_and_vae(self) -> None:
         """Move the torch UNet and VAE to the CPU and return their GPU memory (engines serve them now)."""
-        import gc
+        from mvz.devices import release_device_memory
 
-        on_gpu = self.device.type == "cuda"
         self.unet.to("cpu")
         self.vae.to("cpu")
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
+        release_device_memory()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -28,10 +28,6 @@ class RewardOutput:
     per_view: torch.Tensor | None = None  # [B, V] float32, on CPU, or None for set-level rewards
     sub_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def is_per_view(self) -> bool:
-        return self.per_view is not None
-
 
 class Reward:
     """Base class. Subclasses set ``name`` and ``kind`` and implement :meth:`score`."""

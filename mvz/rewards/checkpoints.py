@@ -12,16 +12,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError
 from mvz.paths import rewards_dir
 
 
 def hf_cached_file(repo_id: str, filename: str) -> Path | None:
     """Path of ``filename`` from ``repo_id`` in the local HF cache, or None. Never touches the network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return None
+    from huggingface_hub import try_to_load_from_cache
+
     try:
         hit = try_to_load_from_cache(repo_id, filename)
     except Exception:
@@ -134,21 +132,3 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
     return state
-
-
-def require_keys(state: dict, keys, reward: str, path) -> None:
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(
-            f"{reward}: {path} is missing {len(missing)} key(s): {summarize_keys(missing)}.",
-            "Is it the right model's checkpoint?",
-        )
-
-
-def check_no_leftovers(consumed: set, state: dict, reward: str, path) -> None:
-    left = [k for k in state if k not in consumed]
-    if left:
-        raise CheckpointError(
-            f"{reward}: {path} has {len(left)} unexpected key(s): {summarize_keys(left)}.",
-            "Is it the right model's checkpoint?",
-        )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mvz.errors import CheckpointError, summarize_keys
+from mvz.state_dicts import load_strict
 
 # keys that OpenAI's JIT archives carry as plain numbers; dropped by OpenAI's own build_model too
 IGNORABLE = ("input_resolution", "context_length", "vocab_size")
@@ -166,18 +167,5 @@ def load_clip_model(hf_state: dict, config, what: str = "CLIP"):
     from transformers import CLIPModel
 
     model = CLIPModel(config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(hf_state))
-    unexpected = sorted(set(hf_state) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {summarize_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {summarize_keys(unexpected)}")
-        raise CheckpointError(f"{what}: converted checkpoint does not fit CLIP: {'; '.join(parts)}.")
-    try:
-        model.load_state_dict(hf_state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{what}: shape mismatch loading CLIP ({str(exc).splitlines()[-1].strip()[:200]}).") from None
+    load_strict(model, hf_state, f"{what}: the converted checkpoint (as CLIP)")
     return model.eval().requires_grad_(False)

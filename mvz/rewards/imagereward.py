@@ -27,6 +27,7 @@ from mvz.rewards.base import RewardOutput, register_reward
 from mvz.rewards.checkpoints import find_file, find_folder, load_torch_state, strip_prefix
 from mvz.rewards.preprocess import blip_preprocess, check_images
 from mvz.rewards.runtime import ModelReward
+from mvz.state_dicts import load_strict
 
 HF_REPO = "THUDM/ImageReward"
 SOURCE = f"https://huggingface.co/{HF_REPO} (files ImageReward.pt and med_config.json)"
@@ -133,15 +134,7 @@ def text_config(text: dict, med: dict, vision_width: int, tokenizer):
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"imagereward: {what} keys do not fit: missing {summarize_keys(missing) or 'none'}; "
-                              f"unexpected {summarize_keys(unexpected) or 'none'}.")
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"imagereward: {what} shapes do not fit ({str(exc).splitlines()[-1].strip()[:200]}).") from None
+    load_strict(module, state, f"imagereward: the {what} weights")
 
 
 def load_bert_tokenizer(folder: Path):

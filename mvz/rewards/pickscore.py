@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mvz.errors import CheckpointError, summarize_keys
+from mvz.errors import CheckpointError
 from mvz.paths import rewards_dir
 from mvz.rewards.base import register_reward
 from mvz.rewards.checkpoints import find_folder
 from mvz.rewards.runtime import ClipPerViewReward
+from mvz.state_dicts import load_strict
 
 HF_REPO = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPOS = ("openai/clip-vit-large-patch14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
@@ -75,16 +76,7 @@ def load_clip_folder(folder: Path, what: str):
     config = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
     state = {k: v for k, v in read_hf_weights(folder, what).items() if not k.endswith("embeddings.position_ids")}
     model = CLIPModel(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{what}: {folder} does not fit its CLIP config: missing "
-                              f"{summarize_keys(missing) or 'none'}; unexpected {summarize_keys(unexpected) or 'none'}.",
-                              "Is it a CLIPModel checkpoint?")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{what}: shape mismatch in {folder} ({str(exc).splitlines()[-1].strip()[:200]}).") from None
+    load_strict(model, state, f"{what}: {folder} (for its CLIP config)", "Is it a CLIPModel checkpoint?")
     return model.eval().requires_grad_(False)
 
 

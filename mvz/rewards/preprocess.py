@@ -2,7 +2,7 @@
 
 One convention for all four rewards, MVC-ZigAL's tensor wrappers' (``resize(images, [224, 224])``): each
 view is resized to the model's square input, never cropped, so a non-square view is squashed. Constants are
-the ones in ``shared/reference/rewards.md`` section 1.
+each model's own (``docs/rewards.md``, *Images*).
 """
 
 from __future__ import annotations

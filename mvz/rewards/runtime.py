@@ -8,37 +8,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from mvz.errors import DeviceError, InputError
+from mvz.devices import resolve_device, resolve_dtype
 from mvz.rewards.base import Reward, RewardOutput
 from mvz.rewards.preprocess import check_images, clip_preprocess
 
 log = logging.getLogger("mvz.rewards")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}.", "Use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device} requested but CUDA is not available.", "Use --device cpu.")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32  # upstream runs every reward in fp32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}.", f"Use one of {', '.join(sorted(DTYPES))}.")
-    return DTYPES[dtype]
-
 
 def images_per_chunk(memory_budget_mb: float, tokens: int, width: int, heads: int, dtype: torch.dtype) -> int:
     """How many images fit one forward in ``memory_budget_mb`` of activations (rough, no-grad estimate)."""
@@ -57,7 +31,7 @@ class ModelReward(Reward):
 
     def __init__(self, device=None, dtype=None, memory_budget_mb: float = 2048.0, max_batch: int | None = None):
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, self.device, auto=torch.float32)  # upstream runs rewards in fp32
         self.memory_budget_mb = float(memory_budget_mb)
         self._max_batch = max_batch
         self.notices: list[str] = []

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvz.devices import library_versions  # noqa: F401  (recorded in every manifest; the exporter's import)
 from mvz.errors import CheckpointError, ManifestMismatchError, ModelNotFoundError
 
 MANIFEST_NAME = "mvz_export.json"
@@ -337,18 +337,6 @@ def refuse_quantized_refit(manifest: ExportManifest, lora: dict[str, Any] | None
             f"{'no LoRA' if have is None else Path(have['path']).name}; a quantized engine cannot be refit with another "
             "LoRA (a new LoRA needs re-calibration).",
             f"Re-export with it: mvz export --precision {manifest.precision} --lora FILE --lora-scale S --out DIR.")
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for mod in ("mvz", "torch", "diffusers", "peft", "onnx", "onnxruntime", "onnxscript", "polygraphy", "onnx_graphsurgeon", "tensorrt",
-                "modelopt"):
-        try:
-            m = __import__(mod)
-            out[mod] = str(getattr(m, "__version__", "?"))
-        except Exception:  # not installed: simply not recorded
-            continue
-    return out
 
 
 def now_iso() -> str:
