@@ -25,16 +25,22 @@ BASE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]  # wh
 ALL_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0"]
 
 
+_MADE: dict[tuple, dict[str, torch.Tensor]] = {}  # peft's injection is the slow part: make each LoRA once
+
+
 def random_lora(tiny_model, targets, alpha=RANK, seed=0) -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """A PEFT LoRA made by peft itself on a copy of the tiny UNet (non-zero B, so it changes the weights)."""
-    unet = copy.deepcopy(tiny_model.unet)
     config = LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    torch.manual_seed(seed)
-    unet.add_adapter(config)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}, config
+    key = (tuple(targets), seed)
+    if key not in _MADE:
+        unet = copy.deepcopy(tiny_model.unet)
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        _MADE[key] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.clone() for k, v in _MADE[key].items()}, config
 
 
 def hand_deltas(sd, scales=None) -> dict[str, torch.Tensor]:
