@@ -15,6 +15,7 @@ import typer
 
 COMMAND_MODULES = ("generate", "export", "train", "bench", "score", "info")
 COMMAND_MODULES += ("serve",)  # issue 14
+COMMAND_MODULES += ("lora",)  # issue 18
 
 app = typer.Typer(
     name="mvz",
