@@ -108,6 +108,11 @@ def open_session(model, spec: BackendSpec, *, say: Say | None = None) -> Session
                    time.perf_counter() - t0, notes)
 
 
+def session_limits(model, spec: BackendSpec) -> Limits:
+    """What a session of ``spec`` over ``model`` will accept, before anything is made (export manifests read)."""
+    return _limits_and_shapes(model, registry.get(spec.name), spec)[0]
+
+
 def _limits_and_shapes(model, entry: registry.BackendEntry, spec: BackendSpec) -> tuple[Limits, dict[str, Any]]:
     """What requests the backend takes, and the shapes it is made for."""
     info = model.info
