@@ -54,6 +54,10 @@ class Session:
     engines: Path | None
     open_s: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the session said while opening (e.g. a rebuild)
+    lora_scale_now: float | None = None  # the LoRA scale the UNet runs at now (set per call where settable)
+
+    def __post_init__(self) -> None:
+        self.lora_scale_now = self.limits.lora_scale
 
     def info(self) -> dict[str, Any]:
         """The backend as sidecars and reports describe it."""
@@ -79,12 +83,12 @@ class Session:
         return self.pipeline.run(prompts, seeds, spec, **options)
 
     def _use_lora_scale(self, scale: float | None) -> None:
-        if scale is None or not self.limits.lora_scale_settable or scale == self.limits.lora_scale:
+        if scale is None or not self.limits.lora_scale_settable or scale == self.lora_scale_now:
             return
         from mvz.models.lora import set_lora_scale
 
         set_lora_scale(self.model.unet, scale)
-        self.limits = self.limits.narrowed(lora_scale=scale)
+        self.lora_scale_now = scale
 
 
 def open_session(model, spec: BackendSpec, *, say: Say | None = None) -> Session:
