@@ -324,3 +324,25 @@ def render_compare(cmp: dict, old_name: str, new_name: str) -> str:
                         [[k, _f(v["old"], 4), _f(v["new"], 4), _f(v["change"], 4)] for k, v in cmp["quality"].items()])
         lines.append("")
     return "\n".join(lines)
+
+
+def write_outputs(report: dict, out: Path, sheet_rows=(), plots: bool = True) -> dict:
+    """report.json, report.md, plots and the contact sheet into ``out`` (atomic writes)."""
+    from mvz.atomic import write_text
+
+    art: dict = {"report_json": "report.json", "report_md": "report.md", "plots": [], "contact_sheet": None}
+    report["artifacts"] = art
+    if plots:
+        from bench import plots as pl
+
+        for fn, fname in ((pl.latency_plot, "latency.png"), (pl.fidelity_plot, "fidelity.png"), (pl.quality_plot, "quality.png")):
+            try:
+                if fn(report, out / fname):
+                    art["plots"].append(fname)
+            except Exception as exc:  # a figure must never lose the measurements
+                art.setdefault("plot_errors", []).append(f"{fname}: {type(exc).__name__}: {exc}")
+        if sheet_rows and pl.contact_sheet(list(sheet_rows), out / "contact_sheet.png"):
+            art["contact_sheet"] = "contact_sheet.png"
+    write_text(out / "report.md", render_markdown(report) + "\n")
+    write_report_json(out / "report.json", report)
+    return art

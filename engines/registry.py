@@ -21,7 +21,7 @@ LoraMode = Literal["live", "refit", "fusion"]  # LoRA layers run live | switched
 class BackendEntry:
     """One backend. ``create(model, *, engines_dir, num_views, height, width, batch, device, **options)``
     returns an ``engines.base.Backend``; ``unavailable_reason()`` says (one line, with the fix) why it cannot
-    run here, or None; ``rebuild(model, engines_dir, why, say)``, when set, makes engines for the model's LoRA
+    run here, or None; ``build(export_dir)`` makes its engines from an export; ``rebuild(model, engines_dir, why, say)``, when set, makes engines for the model's LoRA
     after a refused refit and returns their folder (only the session calls it)."""
 
     name: str
@@ -33,6 +33,7 @@ class BackendEntry:
     rewrites_model: bool = False  # optimises the model's UNet in place (others sharing the model see it)
     options: tuple[str, ...] = ()  # the create() options it understands
     rebuild: Callable[..., Any] | None = None
+    build: Callable[..., Any] | None = None  # build(export_dir) -> engines from an export (reused when up to date)
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
@@ -110,6 +111,12 @@ def _tensorrt_rebuild(model, engines_dir, why: str, say: Callable[[str], None]):
     return rebuild_tensorrt_engines(model, engines_dir, why, say)
 
 
+def _tensorrt_build(export_dir):
+    from engines.tensorrt_build import build_engines
+
+    return build_engines(export_dir)
+
+
 def _compile_unavailable() -> str | None:
     import torch
 
@@ -131,4 +138,4 @@ register(BackendEntry("torch-cudagraph", _torch_create("torch-cudagraph"), _cuda
 register(BackendEntry("onnxruntime", _onnxruntime_create, _onnxruntime_unavailable, needs_export=True,
                       lora="fusion", options=("providers",)))
 register(BackendEntry("tensorrt", _tensorrt_create, _tensorrt_unavailable, needs_export=True, lora="refit",
-                      options=("cuda_graph", "release_torch"), rebuild=_tensorrt_rebuild))
+                      options=("cuda_graph", "release_torch"), rebuild=_tensorrt_rebuild, build=_tensorrt_build))
