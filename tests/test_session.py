@@ -128,6 +128,7 @@ def test_a_refused_refit_is_rebuilt_and_said_once_in_serve(fake_backends, tiny_m
     assert len(fake_backends["calls"]) == 1
     assert runner.backend_info["engines"] == str(fake_backends["rebuilt"])
     assert runner.session.engines == fake_backends["rebuilt"]
+    assert runner.session.notes == said and runner.session.memory()["process_peak_rss_mb"] > 0  # CPU: the RSS
 
 
 def test_a_refused_refit_is_rebuilt_and_said_once_in_bench(fake_backends, tmp_path):
