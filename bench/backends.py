@@ -32,8 +32,8 @@ def open_backend(name: str, model, *, engines_dir, num_views: int, height: int, 
     ``MvzError`` saying why not."""
     from engines.session import BackendSpec, open_session
 
-    spec = BackendSpec(name, Path(engines_dir) if engines_dir else None, num_views, height, width, batch, device,
-                       options=options)
+    spec = BackendSpec(name, Path(engines_dir) if engines_dir else None, num_views=num_views, height=height,
+                       width=width, batch=batch, device=device, options=options)
     return open_session(model, spec, say=log)
 
 

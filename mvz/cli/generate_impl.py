@@ -200,7 +200,8 @@ def _open(req: GenerateRequest, spec: sp.SampleSpec, console):
     load_s = time.perf_counter() - t_load
     output.log(f"loaded {model.info.name} in {load_s:.1f}s")
     spec = spec.sized(model.info.default_resolution)
-    backend = BackendSpec(req.backend, req.engines, spec.views, spec.height, spec.width, req.batch_size, device)
+    backend = BackendSpec(req.backend, req.engines, num_views=spec.views, height=spec.height, width=spec.width,
+                          batch=req.batch_size, device=device)
     spec.check(session_limits(model, backend))  # fail on bad sizes before any output is written
     checks.fits_memory(spec.height, spec.views, req.batch_size)
     session = open_session(model, backend, say=lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
