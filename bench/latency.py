@@ -34,25 +34,22 @@ def measure_latency(
     *,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    cameras,
-    height: int,
-    width: int,
-    steps: int,
-    guidance: float,
+    spec,
     warmup: int,
     runs: int,
     reward=None,
     on_run: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Time ``warmup + runs`` complete generations; return summaries of the timed ones (ms)."""
+    """Time ``warmup + runs`` complete generations of ``spec`` (a sized ``mvz.spec.SampleSpec``); return
+    summaries of the timed ones (ms)."""
     from mvz.pipeline import MultiviewPipeline
 
     device = model.device
     timer = StageTimer(device)
     stream = getattr(backend, "stream", None)
-    v = cameras.num_views
+    steps = spec.steps
     pipe = MultiviewPipeline(model, TimedDenoiser(backend.denoiser, timer, stream),
-                             TimedDecoder(backend.decoder, timer, stream), num_views=v)
+                             TimedDecoder(backend.decoder, timer, stream), num_views=spec.views)
     encode_images = image_encoder(reward) if reward is not None else None
     per_run: dict[str, list[float]] = {k: [] for k in STAGES}
     per_step: list[list[float]] = [[] for _ in range(steps)]
@@ -64,8 +61,7 @@ def measure_latency(
         timer.sync()
         t0 = time.perf_counter()
         with timed_model_stages(model, timer):
-            result = pipe.sample(list(prompts), list(seeds), steps=steps, guidance=guidance, cameras=cameras,
-                                 height=height, width=width)
+            result = pipe.run(list(prompts), list(seeds), spec)
         timer.sync()
         wall = time.perf_counter() - t0
         if encode_images is not None:
@@ -98,3 +94,52 @@ def measure_latency(
         "timed_runs": runs,
         "timer": "cuda events on the backend stream" if timer.cuda else "time.perf_counter",
     }
+
+
+class _StagePeaks:
+    """Peak device memory per named stage on CUDA: the torch allocator's peak inside the stage and the whole
+    device's used memory at its end (this one includes what TensorRT / ONNX Runtime allocate themselves)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peaks: dict[str, dict[str, float]] = {}
+
+    def wrap(self, name: str, fn):
+        import torch
+
+        def run(*args):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            out = fn(*args)
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            rec = self.peaks.setdefault(name, {"torch_peak_allocated_mb": 0.0, "device_used_mb": 0.0})
+            rec["torch_peak_allocated_mb"] = max(rec["torch_peak_allocated_mb"],
+                                                 torch.cuda.max_memory_allocated(self.device) / 2**20)
+            rec["device_used_mb"] = max(rec["device_used_mb"], (total - free) / 2**20)
+            return out
+
+        return run
+
+
+def measure_stage_memory(model, backend, *, prompts, seeds, spec) -> dict:
+    """One generation with the peak device memory of each stage (conditioning, unet, vae_decode): CUDA only."""
+    from mvz.models.cameras import CameraSet
+    from mvz.pipeline import MultiviewPipeline
+
+    device = model.device
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "peak device memory per stage is measured on CUDA only"}
+    import torch
+
+    peaks = _StagePeaks(device)
+    # plain wrappers: the backend's denoiser was made for this spec's view count
+    pipe = MultiviewPipeline(model, peaks.wrap("unet", backend.denoiser), peaks.wrap("vae_decode", backend.decoder),
+                             num_views=spec.views)
+    cameras = CameraSet(azimuths=spec.azimuths, elevation=spec.elevation)
+    model.clear_residual_cache()
+    with torch.no_grad():
+        cond = peaks.wrap("conditioning",
+                          lambda: pipe.prepare(list(prompts), cameras, spec.height, spec.width, spec.guidance))()
+    pipe.run(list(prompts), list(seeds), spec, conditioning=cond)
+    return {"status": "ok", "stages": peaks.peaks}

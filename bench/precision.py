@@ -46,13 +46,16 @@ def compare_precisions(
     from bench.latency import measure_latency
     from bench.quality import summarize_quality
     from mvz.pipeline import MultiviewPipeline
+    from mvz.spec import SampleSpec
 
     if not backends:
         raise ValueError("no precision to compare")
     v = cameras.num_views
+    spec = SampleSpec(steps=steps, guidance=guidance, azimuths=cameras.azimuths, elevation=cameras.elevation,
+                      height=height, width=width)
     fid_p, fid_s = list(prompts[:fidelity_prompts]), list(seeds[:fidelity_prompts])
     sample_kw = {"steps": steps, "guidance": guidance, "cameras": cameras, "height": height, "width": width}
-    reference = MultiviewPipeline(model, num_views=v).sample(fid_p, fid_s, record=True, **sample_kw)
+    reference = MultiviewPipeline(model, num_views=v).run(fid_p, fid_s, spec, record=True)
     section: dict[str, Any] = {"reference": REFERENCE, "reference_dtype": str(model.dtype), "precisions": {}}
     scores: dict[str, dict[str, dict[str, list]]] = {}
     for precision in ordered(list(backends)):
@@ -60,9 +63,8 @@ def compare_precisions(
         if log:
             log(f"precision {precision}: fidelity, latency, quality")
         pipe = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder, num_views=v)
-        fidelity = compare_samples(pipe.sample(fid_p, fid_s, record=True, **sample_kw), reference)
-        latency = measure_latency(model, backend, prompts=fid_p, seeds=fid_s, cameras=cameras, height=height,
-                                  width=width, steps=steps, guidance=guidance, warmup=warmup, runs=runs)
+        fidelity = compare_samples(pipe.run(fid_p, fid_s, spec, record=True), reference)
+        latency = measure_latency(model, backend, prompts=fid_p, seeds=fid_s, spec=spec, warmup=warmup, runs=runs)
         section["precisions"][precision] = {
             "backend": getattr(backend, "name", "?"), "info": dict(getattr(backend, "info", {}) or {}),
             "latency": latency, "fidelity": fidelity,
@@ -164,9 +166,9 @@ def run_precision_bench(
     (onnxruntime | tensorrt), compare with the fp32 torch reference; writes ``OUT/precision.json``."""
     from pathlib import Path
 
+    from bench.backends import open_backend
     from bench.quality import load_rewards
     from bench.report import sanitize
-    from engines import create_backend
     from export.exporter import export_model
     from mvz.atomic import write_json
     from mvz.errors import InputError, MvzError
@@ -190,8 +192,8 @@ def run_precision_bench(
                     log(f"exporting {p} into {folder}")
                 export_model(model, folder, num_views=views, height=res, width=res, precision=p,
                              calib_prompts=calib_prompts, calib_steps=calib_steps)
-            backends[p] = create_backend(backend, model, engines_dir=folder, num_views=views, height=res, width=res,
-                                         batch=1, device=dev)
+            backends[p] = open_backend(backend, model, engines_dir=folder, num_views=views, height=res, width=res,
+                                       batch=1, device=dev, log=log).backend
         except MvzError as exc:  # e.g. fp16 kernels ORT lacks on this CPU: reported, the others still run
             skipped[p] = str(exc)
     if not backends:

@@ -125,6 +125,13 @@ STAGE_LABELS = [("text_encode", "text encoding"), ("camera_residuals", "camera r
 
 
 def render_markdown(report: dict) -> str:
+    """report.md: one section per part of the report, in the order the stages ran."""
+    sections = (_md_head, _md_backends, _md_latency, _md_compute, _md_fidelity, _md_quality, _md_figures)
+    return "\n".join(line for section in sections for line in section(report))
+
+
+def _md_head(report: dict) -> list[str]:
+    """Title, device, shapes, runs, libraries."""
     cfg, env = report["config"], report["environment"]
     lines = [f"# mvz bench: {cfg.get('model')}{' (--random-weights)' if cfg.get('random_weights') else ''}", ""]
     gpu = env.get("gpu")
@@ -137,40 +144,56 @@ def render_markdown(report: dict) -> str:
               f"- runs: {cfg.get('warmup')} warm-up + {cfg.get('runs')} timed per backend",
               "- libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v),
               f"- created {report.get('created')}, schema v{report.get('schema_version')}", ""]
+    return lines
 
+
+def _md_backends(report: dict) -> list[str]:
+    """Which backends ran, and why the others did not."""
+    lines: list[str] = []
     lines += ["## Backends", ""]
     lines += _table(["backend", "status", "note"], [[n, b["status"], b.get("reason") or b.get("info", {}).get("implementation", "")]
                                                      for n, b in report["backends"].items()])
     lines.append("")
+    return lines
 
+
+def _md_latency(report: dict) -> list[str]:
+    """Median per stage per backend, end-to-end spread, notes."""
+    lines: list[str] = []
     lat = report["latency"]
     names = list(lat.get("backends", {}))
-    if names:
-        base = lat.get("baseline")
-        lines += ["## Latency (median ms; p90 / p99 / min below)", ""]
-        rows = []
-        for key, label in STAGE_LABELS:
-            if not any(key in lat["backends"][n]["stages"] for n in names):
-                continue
-            row = [label]
-            for n in names:
-                s = lat["backends"][n]["stages"].get(key)
-                row.append(_f(s["median_ms"], 2) if s else "–")
-            rows.append(row)
-        rows.append(["throughput (sets/s)"] + [_f(lat["backends"][n].get("throughput_sets_per_s"), 3) for n in names])
-        lines += _table(["stage"] + names, rows)
-        lines += ["", "End to end, ms:", ""]
-        lines += _table(["backend", "median", "p90", "p99", "min", "n", f"× vs {base}", "peak memory MiB"],
-                        [[n, *(_f(lat["backends"][n]["stages"]["end_to_end"][k], 2) for k in ("median_ms", "p90_ms", "p99_ms", "min_ms")),
-                          str(lat["backends"][n]["stages"]["end_to_end"]["n"]),
-                          _f(lat["backends"][n].get("ratios_vs_baseline", {}).get("end_to_end"), 2),
-                          _peak(lat["backends"][n]["peak_memory"])]
-                         for n in names])
-        for note in lat.get("notes", []):
-            lines.append(f"\n_{note}_")
-        lines.append("")
+    if not names:
+        return lines
+    base = lat.get("baseline")
+    lines += ["## Latency (median ms; p90 / p99 / min below)", ""]
+    rows = []
+    for key, label in STAGE_LABELS:
+        if not any(key in lat["backends"][n]["stages"] for n in names):
+            continue
+        row = [label]
+        for n in names:
+            s = lat["backends"][n]["stages"].get(key)
+            row.append(_f(s["median_ms"], 2) if s else "–")
+        rows.append(row)
+    rows.append(["throughput (sets/s)"] + [_f(lat["backends"][n].get("throughput_sets_per_s"), 3) for n in names])
+    lines += _table(["stage"] + names, rows)
+    lines += ["", "End to end, ms:", ""]
+    lines += _table(["backend", "median", "p90", "p99", "min", "n", f"× vs {base}", "peak memory MiB"],
+                    [[n, *(_f(lat["backends"][n]["stages"]["end_to_end"][k], 2) for k in ("median_ms", "p90_ms", "p99_ms", "min_ms")),
+                      str(lat["backends"][n]["stages"]["end_to_end"]["n"]),
+                      _f(lat["backends"][n].get("ratios_vs_baseline", {}).get("end_to_end"), 2),
+                      _peak(lat["backends"][n]["peak_memory"])]
+                     for n in names])
+    for note in lat.get("notes", []):
+        lines.append(f"\n_{note}_")
+    lines.append("")
+    return lines
 
-    comp = report["compute"]
+
+def _md_compute(report: dict) -> list[str]:
+    """The compute floor and the fraction of it achieved."""
+    lines: list[str] = []
+    comp, cfg = report["compute"], report["config"]
     if comp.get("flops"):
         fl = comp["flops"]
         lines += ["## Compute floor", ""]
@@ -192,7 +215,12 @@ def render_markdown(report: dict) -> str:
                             [[n, _f(a.get("unet_tflops"), 3), _f(_pct(a.get("unet_fraction")), 1), _f(a.get("vae_tflops"), 3),
                               _f(_pct(a.get("vae_fraction")), 1)] for n, a in ach.items()])
             lines.append("")
+    return lines
 
+
+def _md_fidelity(report: dict) -> list[str]:
+    """Each backend against the reference."""
+    lines: list[str] = []
     fid = report["fidelity"]
     lines += ["## Fidelity", ""]
     if fid.get("status") == "ok":
@@ -207,7 +235,12 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append(f"Skipped: {fid.get('reason')}")
     lines.append("")
+    return lines
 
+
+def _md_quality(report: dict) -> list[str]:
+    """Reward scores per variant with intervals."""
+    lines: list[str] = []
     q = report["quality"]
     lines += ["## Quality", ""]
     if q.get("status") == "ok":
@@ -229,7 +262,12 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append(f"Skipped: {q.get('reason')}")
     lines.append("")
+    return lines
 
+
+def _md_figures(report: dict) -> list[str]:
+    """The plots and the contact sheet."""
+    lines: list[str] = []
     art = report.get("artifacts", {})
     if art.get("plots") or art.get("contact_sheet"):
         lines += ["## Figures", ""]
@@ -238,7 +276,7 @@ def render_markdown(report: dict) -> str:
         if art.get("contact_sheet"):
             lines.append(f"![contact sheet]({art['contact_sheet']})")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _peak(pm: dict) -> str:
@@ -324,3 +362,25 @@ def render_compare(cmp: dict, old_name: str, new_name: str) -> str:
                         [[k, _f(v["old"], 4), _f(v["new"], 4), _f(v["change"], 4)] for k, v in cmp["quality"].items()])
         lines.append("")
     return "\n".join(lines)
+
+
+def write_outputs(report: dict, out: Path, sheet_rows=(), plots: bool = True) -> dict:
+    """report.json, report.md, plots and the contact sheet into ``out`` (atomic writes)."""
+    from mvz.atomic import write_text
+
+    art: dict = {"report_json": "report.json", "report_md": "report.md", "plots": [], "contact_sheet": None}
+    report["artifacts"] = art
+    if plots:
+        from bench import plots as pl
+
+        for fn, fname in ((pl.latency_plot, "latency.png"), (pl.fidelity_plot, "fidelity.png"), (pl.quality_plot, "quality.png")):
+            try:
+                if fn(report, out / fname):
+                    art["plots"].append(fname)
+            except Exception as exc:  # a figure must never lose the measurements
+                art.setdefault("plot_errors", []).append(f"{fname}: {type(exc).__name__}: {exc}")
+        if sheet_rows and pl.contact_sheet(list(sheet_rows), out / "contact_sheet.png"):
+            art["contact_sheet"] = "contact_sheet.png"
+    write_text(out / "report.md", render_markdown(report) + "\n")
+    write_report_json(out / "report.json", report)
+    return art

@@ -1,4 +1,11 @@
-"""The benchmark run behind ``mvz bench``: latency, compute floor, fidelity, quality, then the reports."""
+"""The benchmark run behind ``mvz bench``: a short list of stages over deployment sessions, then the reports.
+
+:func:`run_bench` prepares a :class:`BenchRun` (checks, model, rewards, the report's head) and runs
+:data:`STAGES` in order: reference, backends, floor, latency, fidelity, quality. Each stage is one small
+function that returns its report section(s); backends are ``engines.session`` sessions, so a backend
+registered in ``engines.registry`` is benchmarked as it is generated and served, rebuild policy included.
+``mvz bench --precisions`` is the precision stage, with its own report (``bench/precision.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +16,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from bench import SCHEMA_VERSION
+from bench.report import write_outputs
+from mvz import spec as sp
 from mvz.errors import InputError, MvzError
 
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_REWARDS = ("pickscore", "hpsv2", "imagereward", "hyperscore")
 
-
-
-IN_PLACE_BACKENDS = ("torch-compile", "torch-cudagraph")
 
 def shipped_prompts(name: str) -> Path:
     """A prompt set shipped in ``bench/prompts`` (``objects``, ``smoke``)."""
@@ -34,9 +41,9 @@ class BenchConfig:
     dtype: str | None = None
     height: int | None = None
     width: int | None = None
-    views: int = 6
-    steps: int = 8
-    guidance: float = 7.0
+    views: int = len(sp.DEFAULT_AZIMUTHS)
+    steps: int = sp.DEFAULT_STEPS
+    guidance: float = sp.DEFAULT_GUIDANCE
     batch: int = 1  # prompts per multiview set batch (latency)
     backends: list[str] = field(default_factory=lambda: ["torch"])
     baseline: str | None = None  # default: the first backend measured
@@ -66,53 +73,86 @@ class BenchConfig:
     plots: bool = True
     out: str = "bench-report"
 
+    def sample_spec(self) -> sp.SampleSpec:
+        """What every timed and compared generation samples (size None: the model's)."""
+        return sp.SampleSpec.build(views=self.views, steps=self.steps, guidance=self.guidance, height=self.height,
+                                   width=self.width)
+
+
+@dataclass
+class BenchRun:
+    """What the stages share: the config, the loaded model, the sized spec, the sessions, the report."""
+
+    cfg: BenchConfig
+    log: Callable[[str], None]
+    out: Path
+    model: Any
+    spec: sp.SampleSpec
+    prompts: list[str]
+    prompts_path: Path
+    rewards: dict
+    missing_rewards: dict
+    reward_preset: str | None
+    report: dict
+    sessions: dict[str, Any] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # backends that rewrite the model: opened last
+    engines_dir: str | None = None
+    reference: Any = None
+    reference_error: str | None = None
+    counts: Any = None
+    sheet_rows: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def fidelity_inputs(self) -> tuple[list[str], list[int]]:
+        n = max(self.cfg.fidelity_prompts, 1)
+        return [self.prompts[i % len(self.prompts)] for i in range(n)], [self.cfg.seed + i for i in range(n)]
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _reference_model(model, dtype_name: str):
-    """The reference network in ``dtype_name`` (a deep copy when the model runs in another dtype)."""
-    import torch
-
-    from mvz.models.loading import resolve_dtype
-
-    dt = resolve_dtype(dtype_name, model.device)
-    if model.dtype == dt and next(model.vae.parameters()).dtype == dt:
-        return model
-    ref = copy.deepcopy(model)
-    ref.to(dtype=dt)
-    ref.vae.to(dtype=dt)
-    if dt == torch.float32 and model.device.type == "cuda":
-        pass  # TF32 stays as the process has it: reported in environment.gpu.tf32_matmul
-    return ref
-
-
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: list[str] | None = None) -> dict:
     """Run everything ``cfg`` asks for, write the reports into ``cfg.out``; return the report dict."""
-    import torch
+    run = prepare(cfg, log or (lambda msg: print(msg, file=sys.stderr)), argv)
+    for stage in STAGES:
+        run.report.update(stage(run))
+    write_outputs(run.report, run.out, run.sheet_rows, plots=cfg.plots)
+    return run.report
 
-    from bench import backends as bk
-    from bench import env as benv
-    from bench.stats import ratio
-    from mvz.atomic import ensure_writable_dir
-    from mvz.models.cameras import CameraSet
-    from mvz.models.loading import load_model
-    from mvz.prompts import read_prompt_file
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(cfg.out).expanduser()
-    # before anything is measured
-    ensure_writable_dir(out, "report folder", fix="Pass --out with a folder you can write to.")
+def check_config(cfg: BenchConfig) -> None:
+    """What can be refused before anything is loaded or measured."""
+    from engines import registry
+
     if cfg.runs < 1 or cfg.warmup < 0:
         raise InputError(f"--runs must be >= 1 and --warmup >= 0 (got {cfg.runs}, {cfg.warmup}).")
     if cfg.quality not in ("auto", "on", "off"):
         raise InputError(f"--quality must be auto, on or off, got {cfg.quality!r}.")
-    unknown = [b for b in cfg.backends if b not in bk.KNOWN_BACKENDS]
+    known = registry.backend_names()
+    unknown = [b for b in cfg.backends if b not in known]
     if unknown or not cfg.backends:
-        raise InputError(f"unknown backend(s) {', '.join(unknown) or '(none)'}.", f"Choose from {', '.join(bk.KNOWN_BACKENDS)}.")
+        raise InputError(f"unknown backend(s) {', '.join(unknown) or '(none)'}.", f"Choose from {', '.join(known)}.")
     if cfg.baseline and cfg.baseline not in cfg.backends:
         raise InputError(f"--baseline {cfg.baseline} is not among --backends {','.join(cfg.backends)}.")
+    if cfg.fidelity and cfg.reference != "torch":
+        raise InputError(f"--reference {cfg.reference} is not supported; the reference is eager torch.")
+    cfg.sample_spec().check()
+
+
+def prepare(cfg: BenchConfig, log: Callable[[str], None], argv: list[str] | None) -> BenchRun:
+    """Checks, the model, the rewards and the report's head: everything before the first stage."""
+    import torch
+
+    from bench import env as benv
+    from mvz.atomic import ensure_writable_dir
+    from mvz.models.loading import load_model
+    from mvz.pipeline import validate_prompts
+    from mvz.prompts import read_prompt_file
+
+    out = Path(cfg.out).expanduser()
+    ensure_writable_dir(out, "report folder", fix="Pass --out with a folder you can write to.")  # before measuring
+    check_config(cfg)
     prompts_path = Path(cfg.prompts_file) if cfg.prompts_file else shipped_prompts("objects")
     prompts = read_prompt_file(prompts_path)
     if cfg.lora:
@@ -121,358 +161,362 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None, argv: 
         read_lora_file(cfg.lora)  # a bad LoRA path fails now, not after the latency runs
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-
     log(f"loading model {cfg.model}{' (random weights)' if cfg.random_weights else ''}")
     model = load_model(cfg.model, random_weights=cfg.random_weights, device=cfg.device, dtype=cfg.dtype)
-    height = cfg.height or model.info.default_resolution
-    width = cfg.width or model.info.default_resolution
-    cameras = CameraSet.default(cfg.views)
-    from mvz.pipeline import validate_request
-
-    validate_request(prompts[:1], cfg.steps, cfg.views, height, width, model.resolution_multiple)
-    device = model.device
-    environment = benv.environment(device)
+    validate_prompts(prompts[:1])
+    spec = cfg.sample_spec().sized(model.info.default_resolution)
+    spec.check(sp.HOUSE_LIMITS.narrowed(resolution_multiple=model.resolution_multiple))
     reward_preset = ("tiny" if cfg.model == "tiny" else None) if cfg.reward_preset == "auto" else cfg.reward_preset
+    rewards, missing = _load_rewards(cfg, reward_preset, model.device)
+    report = _report_head(cfg, argv, model, spec, benv.environment(model.device), prompts_path, reward_preset)
+    return BenchRun(cfg, log, out, model, spec, prompts, prompts_path, rewards, missing, reward_preset, report)
 
-    # rewards first: an explicit --quality on with a missing checkpoint fails before measuring
-    rewards, missing_rewards = {}, {}
-    if cfg.quality != "off" or cfg.latency_reward not in (None, "none"):
-        from bench.quality import load_rewards
 
-        names = list(cfg.rewards) if cfg.quality != "off" else []
-        if cfg.latency_reward not in (None, "none", "auto") and cfg.latency_reward not in names:
-            names.append(cfg.latency_reward)
-        rewards, missing_rewards = load_rewards(names, reward_preset, device)
-        if cfg.quality == "on" and missing_rewards:
-            name, why = next(iter(missing_rewards.items()))
-            raise MvzError(f"quality was requested but reward {name} cannot be loaded: {why}")
+def _load_rewards(cfg: BenchConfig, reward_preset: str | None, device) -> tuple[dict, dict]:
+    """Rewards first: an explicit --quality on with a missing checkpoint fails before measuring."""
+    if cfg.quality == "off" and cfg.latency_reward in (None, "none"):
+        return {}, {}
+    from bench.quality import load_rewards
 
-    report: dict = {
-        "schema": "mvz.bench.report",
-        "schema_version": SCHEMA_VERSION,
-        "created": _now(),
-        "command": argv,
-        "config": {**asdict(cfg), "height": height, "width": width, "dtype": str(model.dtype).replace("torch.", ""),
-                   "vae_dtype": str(next(model.vae.parameters()).dtype).replace("torch.", ""),
-                   "device": str(device), "prompts_file": str(prompts_path), "reward_preset": reward_preset},
+    names = list(cfg.rewards) if cfg.quality != "off" else []
+    if cfg.latency_reward not in (None, "none", "auto") and cfg.latency_reward not in names:
+        names.append(cfg.latency_reward)
+    rewards, missing = load_rewards(names, reward_preset, device)
+    if cfg.quality == "on" and missing:
+        name, why = next(iter(missing.items()))
+        raise MvzError(f"quality was requested but reward {name} cannot be loaded: {why}")
+    return rewards, missing
+
+
+def _report_head(cfg: BenchConfig, argv, model, spec: sp.SampleSpec, environment: dict, prompts_path: Path,
+                 reward_preset: str | None) -> dict:
+    def dtype(t) -> str:
+        return str(t).replace("torch.", "")
+
+    return {
+        "schema": "mvz.bench.report", "schema_version": SCHEMA_VERSION, "created": _now(), "command": argv,
+        "config": {**asdict(cfg), "height": spec.height, "width": spec.width, "dtype": dtype(model.dtype),
+                   "vae_dtype": dtype(next(model.vae.parameters()).dtype), "device": str(model.device),
+                   "prompts_file": str(prompts_path), "reward_preset": reward_preset},
         "environment": environment,
         "model": {"name": model.info.name, "random_weights": model.info.random_weights, "sources": model.info.sources,
                   "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in model.modules().items()}},
-        "backends": {},
-        "latency": {"backends": {}, "notes": []},
-        "compute": {},
-        "fidelity": {"status": "skipped", "reason": "not run"},
-        "quality": {"status": "skipped", "reason": "not run"},
+        "backends": {}, "latency": {"backends": {}, "notes": []}, "compute": {},
+        "fidelity": {"status": "skipped", "reason": "not run"}, "quality": {"status": "skipped", "reason": "not run"},
         "artifacts": {},
     }
 
-    # ---- fidelity reference, on the pristine model (compiled backends may rewrite the UNet in place) --
-    ref, ref_error = None, None
-    fp = [prompts[i % len(prompts)] for i in range(max(cfg.fidelity_prompts, 1))]
-    fs = [cfg.seed + i for i in range(len(fp))]
-    fid_kw = dict(steps=cfg.steps, guidance=cfg.guidance, cameras=cameras, height=height, width=width, record=True)
-    if cfg.fidelity:
-        from bench.backends import torch_backend
-        from mvz.pipeline import MultiviewPipeline
 
-        if cfg.reference != "torch":
-            raise InputError(f"--reference {cfg.reference} is not supported; the reference is eager torch.")
-        log(f"fidelity reference: torch {cfg.reference_dtype}")
-        try:
-            ref_model = _reference_model(model, cfg.reference_dtype)
-            ref_b = torch_backend(ref_model, cfg.views)
-            ref = MultiviewPipeline(ref_model, ref_b.denoiser, ref_b.decoder, num_views=cfg.views).sample(fp, fs, **fid_kw)
-            del ref_model, ref_b
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        except MvzError as exc:
-            ref_error = str(exc)
+# ---- stages: each returns its report section(s) -------------------------------------------------------------
+def _reference_model(model, dtype_name: str):
+    """The reference network in ``dtype_name`` (a deep copy when the model runs in another dtype)."""
+    from mvz.models.loading import resolve_dtype
 
-    # ---- backends ----------------------------------------------------------------------------------
+    dt = resolve_dtype(dtype_name, model.device)
+    if model.dtype == dt and next(model.vae.parameters()).dtype == dt:
+        return model
+    ref = copy.deepcopy(model)
+    ref.to(dtype=dt)
+    ref.vae.to(dtype=dt)
+    # TF32 stays as the process has it: reported in environment.gpu.tf32_matmul
+    return ref
+
+
+def stage_reference(run: BenchRun) -> dict:
+    """The fidelity reference, on the pristine model (compiled backends may rewrite the UNet in place)."""
+    from engines.session import BackendSpec, open_session
+
+    cfg = run.cfg
+    if not cfg.fidelity:
+        return {}
+    run.log(f"fidelity reference: torch {cfg.reference_dtype}")
+    try:
+        ref_model = _reference_model(run.model, cfg.reference_dtype)
+        session = open_session(ref_model, BackendSpec("torch", num_views=run.spec.views, device=ref_model.device))
+        run.reference = session.sample(*run.fidelity_inputs, run.spec, record=True)
+        del ref_model, session
+        free_cuda_cache(run.model.device)
+    except MvzError as exc:
+        run.reference_error = str(exc)
+    return {}
+
+
+def stage_backends(run: BenchRun) -> dict:
+    """Export and build what the asked backends need, then open a session per backend (those that rewrite
+    the shared UNet in place wait until the others are timed, so "torch" is measured on the plain UNet)."""
+    from bench import backends as bk
+    from engines import registry
+
     avail = bk.availability()
-    made = {}
-    engines_dir = cfg.engines_dir
-    needs_onnx = [n for n in cfg.backends if n in ("onnxruntime", "tensorrt") and not avail.get(n)]
-    # TensorRT is measured, not skipped: its export (and engines, below) are made when it can run here
-    if needs_onnx and engines_dir is None and (cfg.export or "tensorrt" in needs_onnx):
-        engines_dir = str(out / "engines")
-        try:
-            from export import export_model
-
-            precision = "fp32" if model.dtype == torch.float32 else "fp16"
-            log(f"exporting ONNX ({precision}) for {', '.join(needs_onnx)} into {engines_dir}")
-            export_model(model, engines_dir, num_views=cfg.views, height=height, width=width, batch=cfg.batch,
-                         precision=precision, parity=False)
-            report["engines_export"] = {"folder": engines_dir, "precision": precision}
-        except ImportError as exc:
-            report["engines_export"] = {"folder": None, "error": f"export package not available: {exc}"}
-        except MvzError as exc:
-            report["engines_export"] = {"folder": None, "error": str(exc)}
-            log(f"export failed: {exc}")
-            engines_dir = None
-    if "tensorrt" in needs_onnx and engines_dir is not None:
-        report["engines_build"] = bk.build_tensorrt_engines(Path(engines_dir), log)
-        free_cuda_cache(device)
-
-    # every backend of the run shares the model: TensorRT must not move its torch UNet/VAE off the GPU here
-    per_backend = {"torch-compile": {"compile_mode": cfg.compile_mode} if cfg.compile_mode else {},
-                   "tensorrt": {"release_torch": False}}
-
-    def create_backend(name: str) -> None:
-        try:
-            b = bk.create(name, model, engines_dir=engines_dir, num_views=cfg.views, height=height, width=width,
-                          batch=cfg.batch, device=device, **per_backend.get(name, {}))
-        except MvzError as exc:
-            report["backends"][name] = {"status": "skipped", "reason": str(exc)}
-            log(f"backend {name}: skipped ({exc})")
-            return
-        except Exception as exc:  # a broken backend is reported, the others still run
-            report["backends"][name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-            log(f"backend {name}: failed ({type(exc).__name__}: {exc})")
-            return
-        made[name] = b
-        report["backends"][name] = {"status": "ok", "reason": None, "info": dict(getattr(b, "info", {}) or {})}
-
-    # torch-compile / torch-cudagraph optimise the shared UNet in place (fused QKV, channels-last): they are
-    # created last, after the other backends have been timed, so "torch" is measured on the plain UNet
-    pending: list[str] = []
-    for name in cfg.backends:
+    sections = _prepare_engines(run, avail)
+    for name in run.cfg.backends:
         if avail.get(name):
-            report["backends"][name] = {"status": "skipped", "reason": avail[name]}
-            log(f"backend {name}: skipped ({avail[name]})")
-        elif name in IN_PLACE_BACKENDS:
-            pending.append(name)
-            report["backends"][name] = {"status": "pending", "reason": None}
+            run.report["backends"][name] = {"status": "skipped", "reason": avail[name]}
+            run.log(f"backend {name}: skipped ({avail[name]})")
+        elif registry.get(name).rewrites_model:
+            run.pending.append(name)
+            run.report["backends"][name] = {"status": "pending", "reason": None}
         else:
-            create_backend(name)
+            _open(run, name)
+    return {"backends": run.report["backends"], **sections}
 
-    # ---- compute floor -----------------------------------------------------------------------------
-    log("counting FLOPs from the model configuration (meta device)")
+
+def _prepare_engines(run: BenchRun, avail: dict) -> dict:
+    """Export ONNX into OUT/engines when an exported backend runs here and no --engines was given; build the
+    engines of backends that need a build (TensorRT is measured, not skipped, when it can run here)."""
+    from bench import backends as bk
+    from engines import registry
+
+    cfg = run.cfg
+    needs = [n for n in cfg.backends if registry.get(n).needs_export and not avail.get(n)]
+    builders = [n for n in needs if registry.get(n).build is not None]
+    run.engines_dir = cfg.engines_dir
+    sections: dict = {}
+    if needs and run.engines_dir is None and (cfg.export or builders):
+        run.engines_dir, sections["engines_export"] = _export(run, needs)
+    if builders and run.engines_dir is not None:
+        sections["engines_build"] = bk.build_engines(builders[0], Path(run.engines_dir), run.log)
+        free_cuda_cache(run.model.device)
+    return sections
+
+
+def _export(run: BenchRun, needs: list[str]) -> tuple[str | None, dict]:
+    import torch
+
+    from export import export_model
+
+    folder = str(run.out / "engines")
+    precision = "fp32" if run.model.dtype == torch.float32 else "fp16"
+    run.log(f"exporting ONNX ({precision}) for {', '.join(needs)} into {folder}")
+    s = run.spec
+    try:
+        export_model(run.model, folder, num_views=s.views, height=s.height, width=s.width, batch=run.cfg.batch,
+                     precision=precision, parity=False)
+    except MvzError as exc:
+        run.log(f"export failed: {exc}")
+        return None, {"folder": None, "error": str(exc)}
+    return folder, {"folder": folder, "precision": precision}
+
+
+def _open(run: BenchRun, name: str) -> None:
+    """A session of backend ``name`` (every backend shares the model: TensorRT must not move its torch
+    UNet/VAE off the GPU here); a backend that cannot run is reported, the others still run."""
+    from bench import backends as bk
+
+    options = {"release_torch": False, **({"compile_mode": run.cfg.compile_mode} if run.cfg.compile_mode else {})}
+    s = run.spec
+    try:
+        session = bk.open_backend(name, run.model, engines_dir=run.engines_dir, num_views=s.views, height=s.height,
+                                  width=s.width, batch=run.cfg.batch, device=run.model.device, log=run.log, **options)
+    except MvzError as exc:
+        run.report["backends"][name] = {"status": "skipped", "reason": str(exc)}
+        run.log(f"backend {name}: skipped ({exc})")
+        return
+    except Exception as exc:  # a broken backend is reported, the others still run
+        run.report["backends"][name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        run.log(f"backend {name}: failed ({type(exc).__name__}: {exc})")
+        return
+    run.sessions[name] = session
+    run.report["backends"][name] = {"status": "ok", "reason": None, "info": dict(session.backend.info or {})}
+
+
+def stage_floor(run: BenchRun) -> dict:
+    """The compute floor: FLOPs counted from the model configuration on the meta device, over the peak."""
+    from bench import env as benv
+
+    cfg, s = run.cfg, run.spec
+    run.log("counting FLOPs from the model configuration (meta device)")
     try:
         from bench.flops import count_model, floor_seconds
 
-        counts = count_model(model, height, width, cfg.views, cfg.batch)
-        flops = counts.as_dict(cfg.steps)
+        run.counts = count_model(run.model, s.height, s.width, s.views, cfg.batch)
+        flops = run.counts.as_dict(s.steps)
         if cfg.peak_tflops:
             peak, source = cfg.peak_tflops, "--peak-tflops"
         else:
-            peak, source = benv.lookup_peak(environment.get("gpu", {}).get("name"), model.dtype)
-        report["compute"] = {
-            "flops": flops, "peak_tflops": peak, "peak_source": source,
-            "floor_s": {"unet": floor_seconds(flops["job"]["unet"], peak),
-                        "vae_decode": floor_seconds(flops["job"]["vae_decode"], peak),
-                        "total": floor_seconds(flops["job_total"], peak)},
-            "achieved": {},
-            "method": "TorchFunctionMode count of conv/linear/SDPA/matmul on a meta-device copy built from the configs",
-        }
+            peak, source = benv.lookup_peak(run.report["environment"].get("gpu", {}).get("name"), run.model.dtype)
     except Exception as exc:
-        counts = None
-        report["compute"] = {"status": "skipped", "reason": f"FLOP count failed: {type(exc).__name__}: {exc}"}
+        run.counts = None
+        return {"compute": {"status": "skipped", "reason": f"FLOP count failed: {type(exc).__name__}: {exc}"}}
+    return {"compute": {
+        "flops": flops, "peak_tflops": peak, "peak_source": source,
+        "floor_s": {"unet": floor_seconds(flops["job"]["unet"], peak),
+                    "vae_decode": floor_seconds(flops["job"]["vae_decode"], peak),
+                    "total": floor_seconds(flops["job_total"], peak)},
+        "achieved": {},
+        "method": "TorchFunctionMode count of conv/linear/SDPA/matmul on a meta-device copy built from the configs",
+    }}
 
-    # ---- latency -----------------------------------------------------------------------------------
-    lat_prompts = [prompts[i % len(prompts)] for i in range(cfg.batch)]
-    lat_seeds = [cfg.seed + i for i in range(cfg.batch)]
-    lat_reward = None
-    if cfg.latency_reward not in (None, "none"):
-        lat_reward = (next(iter(rewards.values()), None) if cfg.latency_reward == "auto" else rewards.get(cfg.latency_reward))
-        if lat_reward is None:
-            report["latency"]["notes"].append("image encoding not timed: no reward model could be loaded")
-        else:
-            report["latency"]["image_encode_reward"] = lat_reward.name
-    report["latency"]["notes"].append(
-        "camera residuals are recomputed every run here (cache emptied); a served model computes them once per camera set")
+
+def stage_latency(run: BenchRun) -> dict:
+    """Whole generations per backend, per-stage timers, ratios to the baseline, fractions of the floor."""
+    cfg = run.cfg
+    latency = run.report["latency"]
+    reward = _latency_reward(run, latency)
+    latency["notes"].append("camera residuals are recomputed every run here (cache emptied); "
+                            "a served model computes them once per camera set")
     if cfg.latency:
-        from bench.latency import measure_latency
+        for name in [*run.sessions, *run.pending]:
+            if name not in run.sessions:
+                _open(run, name)
+            if name in run.sessions:
+                _time_backend(run, name, reward)
+        _ratios(run, latency)
+        _achieved(run, list(latency["backends"]))
+    _settle_pending(run)
+    return {"latency": latency, "compute": run.report["compute"]}
 
-        for name in [*made, *pending]:
-            if name not in made:
-                create_backend(name)
-                if name not in made:
-                    continue
-            b = made[name]
-            log(f"latency: {name} ({cfg.warmup} warm-up + {cfg.runs} timed runs)")
-            try:
-                res = measure_latency(model, b, prompts=lat_prompts, seeds=lat_seeds, cameras=cameras, height=height,
-                                      width=width, steps=cfg.steps, guidance=cfg.guidance, warmup=cfg.warmup,
-                                      runs=cfg.runs, reward=lat_reward)
-            except Exception as exc:
-                report["backends"][name] = {"status": "failed", "reason": f"latency run: {type(exc).__name__}: {exc}"}
-                log(f"backend {name}: failed during latency ({exc})")
-                continue
-            if cfg.stage_memory:
-                res["stage_memory"] = measure_stage_memory(model, b, prompts=lat_prompts, seeds=lat_seeds,
-                                                           cameras=cameras, height=height, width=width,
-                                                           steps=cfg.steps, guidance=cfg.guidance)
-            report["latency"]["backends"][name] = res
-        names = list(report["latency"]["backends"])
-        base = cfg.baseline if cfg.baseline in names else (names[0] if names else None)
-        if cfg.baseline and base != cfg.baseline:
-            report["latency"]["notes"].append(f"baseline {cfg.baseline} was not measured; ratios are against {base}")
-        report["latency"]["baseline"] = base
-        for name in names:
-            st, bst = report["latency"]["backends"][name]["stages"], report["latency"]["backends"][base]["stages"]
-            report["latency"]["backends"][name]["ratios_vs_baseline"] = {
-                k: ratio(st[k]["median_ms"], bst.get(k, {}).get("median_ms")) for k in st}
-        if counts is not None:
-            from bench.flops import achieved_fraction
 
-            peak = report["compute"]["peak_tflops"]
-            for name in names:
-                stg = report["latency"]["backends"][name]["stages"]
-                unet_s = stg["unet_step"]["median_ms"] / 1000.0
-                vae_s = stg["vae_decode"]["median_ms"] / 1000.0 if "vae_decode" in stg else None
-                vae_flops = counts.rows * counts.vae_decode_per_image
-                e2e = stg["end_to_end"]["median_ms"] / 1000.0
-                report["compute"]["achieved"][name] = {
-                    "unet_tflops": counts.unet_per_call / unet_s / 1e12,
-                    "unet_fraction": achieved_fraction(counts.unet_per_call, unet_s, peak),
-                    "vae_tflops": vae_flops / vae_s / 1e12 if vae_s else None,
-                    "vae_fraction": achieved_fraction(vae_flops, vae_s, peak),
-                    "end_to_end_over_floor": (e2e / report["compute"]["floor_s"]["total"]) if report["compute"]["floor_s"]["total"] else None,
-                }
+def _latency_reward(run: BenchRun, latency: dict):
+    """The reward whose image tower is timed with each generation (None: not timed)."""
+    if run.cfg.latency_reward in (None, "none"):
+        return None
+    auto = run.cfg.latency_reward == "auto"
+    reward = next(iter(run.rewards.values()), None) if auto else run.rewards.get(run.cfg.latency_reward)
+    if reward is None:
+        latency["notes"].append("image encoding not timed: no reward model could be loaded")
+    else:
+        latency["image_encode_reward"] = reward.name
+    return reward
 
-    for name in pending:  # not created yet when latency was off
-        if name not in made and report["backends"][name]["status"] == "pending":
-            if cfg.fidelity:
-                create_backend(name)
+
+def _time_backend(run: BenchRun, name: str, reward) -> None:
+    from bench.latency import measure_latency, measure_stage_memory
+
+    cfg = run.cfg
+    prompts = [run.prompts[i % len(run.prompts)] for i in range(cfg.batch)]
+    seeds = [cfg.seed + i for i in range(cfg.batch)]
+    backend = run.sessions[name].backend
+    run.log(f"latency: {name} ({cfg.warmup} warm-up + {cfg.runs} timed runs)")
+    try:
+        res = measure_latency(run.model, backend, prompts=prompts, seeds=seeds, spec=run.spec, warmup=cfg.warmup,
+                              runs=cfg.runs, reward=reward)
+    except Exception as exc:
+        run.report["backends"][name] = {"status": "failed", "reason": f"latency run: {type(exc).__name__}: {exc}"}
+        run.log(f"backend {name}: failed during latency ({exc})")
+        return
+    if cfg.stage_memory:
+        res["stage_memory"] = measure_stage_memory(run.model, backend, prompts=prompts, seeds=seeds, spec=run.spec)
+    run.report["latency"]["backends"][name] = res
+
+
+def _ratios(run: BenchRun, latency: dict) -> None:
+    from bench.stats import ratio
+
+    names = list(latency["backends"])
+    baseline = run.cfg.baseline
+    base = baseline if baseline in names else (names[0] if names else None)
+    if baseline and base != baseline:
+        latency["notes"].append(f"baseline {baseline} was not measured; ratios are against {base}")
+    latency["baseline"] = base
+    for name in names:
+        st, bst = latency["backends"][name]["stages"], latency["backends"][base]["stages"]
+        latency["backends"][name]["ratios_vs_baseline"] = {
+            k: ratio(st[k]["median_ms"], bst.get(k, {}).get("median_ms")) for k in st}
+
+
+def _achieved(run: BenchRun, names: list[str]) -> None:
+    """TFLOP/s achieved per backend and the fraction of the device's peak."""
+    if run.counts is None:
+        return
+    from bench.flops import achieved_fraction
+
+    compute, counts = run.report["compute"], run.counts
+    peak = compute["peak_tflops"]
+    for name in names:
+        stg = run.report["latency"]["backends"][name]["stages"]
+        unet_s = stg["unet_step"]["median_ms"] / 1000.0
+        vae_s = stg["vae_decode"]["median_ms"] / 1000.0 if "vae_decode" in stg else None
+        vae_flops = counts.rows * counts.vae_decode_per_image
+        e2e = stg["end_to_end"]["median_ms"] / 1000.0
+        floor = compute["floor_s"]["total"]
+        compute["achieved"][name] = {
+            "unet_tflops": counts.unet_per_call / unet_s / 1e12,
+            "unet_fraction": achieved_fraction(counts.unet_per_call, unet_s, peak),
+            "vae_tflops": vae_flops / vae_s / 1e12 if vae_s else None,
+            "vae_fraction": achieved_fraction(vae_flops, vae_s, peak),
+            "end_to_end_over_floor": (e2e / floor) if floor else None,
+        }
+
+
+def _settle_pending(run: BenchRun) -> None:
+    """Backends still pending (latency was off): opened for fidelity, else skipped."""
+    for name in run.pending:
+        if name not in run.sessions and run.report["backends"][name]["status"] == "pending":
+            if run.cfg.fidelity:
+                _open(run, name)
             else:
-                report["backends"][name] = {"status": "skipped", "reason": "neither latency nor fidelity was asked for"}
+                run.report["backends"][name] = {"status": "skipped",
+                                                "reason": "neither latency nor fidelity was asked for"}
 
-    # ---- fidelity ----------------------------------------------------------------------------------
-    sheet_rows: list[tuple[str, object]] = []
-    if cfg.fidelity and made and ref is not None:
-        from bench.fidelity import compare_samples
-        from mvz.pipeline import MultiviewPipeline
 
-        log(f"fidelity against {cfg.reference} {cfg.reference_dtype}")
-        sheet_rows.append((f"reference: torch {cfg.reference_dtype} | {fp[0]}", ref.images[0]))
-        fid = {"status": "ok", "reference": f"torch {cfg.reference_dtype}", "prompts": fp, "seeds": fs, "backends": {}}
-        for name, b in made.items():
-            res = MultiviewPipeline(model, b.denoiser, b.decoder, num_views=cfg.views).sample(fp, fs, **fid_kw)
-            fid["backends"][name] = compare_samples(res, ref)
-            sheet_rows.append((f"{name} ({report['config']['dtype']}) | {fp[0]}", res.images[0]))
-        report["fidelity"] = fid
-    elif cfg.fidelity and ref_error:
-        report["fidelity"] = {"status": "skipped", "reason": ref_error}
-    elif not made:
-        report["fidelity"] = {"status": "skipped", "reason": "no backend available"}
-    else:
-        report["fidelity"] = {"status": "skipped", "reason": "--no-fidelity"}
+def stage_fidelity(run: BenchRun) -> dict:
+    """Each backend against the reference on the same prompts and seeds: per-step latents, PSNR, SSIM."""
+    from bench.fidelity import compare_samples
 
-    # ---- quality -----------------------------------------------------------------------------------
-    qrewards = {k: v for k, v in rewards.items() if k in cfg.rewards}
+    cfg = run.cfg
+    if cfg.fidelity and run.reference_error:
+        return {"fidelity": {"status": "skipped", "reason": run.reference_error}}
+    if not run.sessions:
+        return {"fidelity": {"status": "skipped", "reason": "no backend available"}}
+    if not cfg.fidelity:
+        return {"fidelity": {"status": "skipped", "reason": "--no-fidelity"}}
+    fp, fs = run.fidelity_inputs
+    run.log(f"fidelity against {cfg.reference} {cfg.reference_dtype}")
+    run.sheet_rows.append((f"reference: torch {cfg.reference_dtype} | {fp[0]}", run.reference.images[0]))
+    fid = {"status": "ok", "reference": f"torch {cfg.reference_dtype}", "prompts": fp, "seeds": fs, "backends": {}}
+    for name, session in run.sessions.items():
+        res = session.sample(fp, fs, run.spec, record=True)
+        fid["backends"][name] = compare_samples(res, run.reference)
+        run.sheet_rows.append((f"{name} ({run.report['config']['dtype']}) | {fp[0]}", res.images[0]))
+    return {"fidelity": fid}
+
+
+def stage_quality(run: BenchRun) -> dict:
+    """Reward scores of the variants (base, base+ZMV, LoRA) with intervals, on the torch model."""
+    from bench.quality import run_quality, variants
+    from engines.torch_backend import restore_unet
+
+    cfg = run.cfg
+    qrewards = {k: v for k, v in run.rewards.items() if k in cfg.rewards}
     if cfg.quality == "off":
-        report["quality"] = {"status": "skipped", "reason": "--quality off"}
-    elif not qrewards:
-        why = "; ".join(f"{k}: {v}" for k, v in missing_rewards.items()) or "no rewards asked for"
-        report["quality"] = {"status": "skipped", "reason": f"no reward checkpoint available ({why})"}
-        log("quality: skipped (no reward checkpoint available; pass --reward-preset tiny or install the checkpoints)")
-    else:
-        from bench.quality import run_quality, variants
+        return {"quality": {"status": "skipped", "reason": "--quality off"}}
+    if not qrewards:
+        why = "; ".join(f"{k}: {v}" for k, v in run.missing_rewards.items()) or "no rewards asked for"
+        run.log("quality: skipped (no reward checkpoint available; pass --reward-preset tiny or install the checkpoints)")
+        return {"quality": {"status": "skipped", "reason": f"no reward checkpoint available ({why})"}}
+    restore_unet(run.model.unet)  # torch-compile / torch-cudagraph fuse QKV in place; LoRA layers need the plain ones
+    if cfg.lora:
+        from mvz.models.lora import load_lora
 
-        try:  # torch-compile / torch-cudagraph fuse QKV in place; LoRA layers need the plain projections
-            from engines.torch_backend import restore_unet
-
-            restore_unet(model.unet)
-        except ImportError:
-            pass
-        if cfg.lora:
-            from mvz.models.lora import load_lora
-
-            load_lora(model.unet, cfg.lora, scale=cfg.lora_scale)
-        vl = variants(bool(cfg.lora), cfg.lora_scale, cfg.zmv)
-        qp = prompts[: max(cfg.quality_prompts, 1)]
-        qs = [cfg.seed + i for i in range(len(qp))]
-        log(f"quality: {len(vl)} variants × {len(qp)} prompts, rewards {', '.join(qrewards)}")
-        section, kept = run_quality(model, qp, qs, qrewards, vl, cameras=cameras, height=height, width=width,
-                                    steps=cfg.steps, guidance=cfg.guidance, keep_images=1)
-        report["quality"] = {"status": "ok", "prompts_file": str(prompts_path), "num_prompts": len(qp),
-                             "rewards": list(qrewards), "reward_preset": reward_preset, "lora": cfg.lora,
-                             "missing_rewards": missing_rewards, **section}
-        for var, imgs in kept.items():
-            sheet_rows.append((f"quality {var} | {qp[0]}", imgs[0]))
-
-    write_outputs(report, out, sheet_rows, plots=cfg.plots)
-    return report
+        load_lora(run.model.unet, cfg.lora, scale=cfg.lora_scale)
+    vl = variants(bool(cfg.lora), cfg.lora_scale, cfg.zmv)
+    qp = run.prompts[: max(cfg.quality_prompts, 1)]
+    qs = [cfg.seed + i for i in range(len(qp))]
+    run.log(f"quality: {len(vl)} variants × {len(qp)} prompts, rewards {', '.join(qrewards)}")
+    s = run.spec
+    cameras = _cameras(s)
+    section, kept = run_quality(run.model, qp, qs, qrewards, vl, cameras=cameras, height=s.height, width=s.width,
+                                steps=s.steps, guidance=s.guidance, keep_images=1)
+    for var, imgs in kept.items():
+        run.sheet_rows.append((f"quality {var} | {qp[0]}", imgs[0]))
+    return {"quality": {"status": "ok", "prompts_file": str(run.prompts_path), "num_prompts": len(qp),
+                        "rewards": list(qrewards), "reward_preset": run.reward_preset, "lora": cfg.lora,
+                        "missing_rewards": run.missing_rewards, **section}}
 
 
-def free_cuda_cache(device) -> None:
+def _cameras(spec: sp.SampleSpec):
+    from mvz.models.cameras import CameraSet
+
+    return CameraSet(azimuths=spec.azimuths, elevation=spec.elevation)
+
+
+STAGES: tuple[Callable[[BenchRun], dict], ...] = (
+    stage_reference, stage_backends, stage_floor, stage_latency, stage_fidelity, stage_quality)
+
+
+def free_cuda_cache(device=None) -> None:
     """Return torch's cached blocks to the device (before engines allocate their own memory)."""
-    import gc
+    from mvz.devices import release_device_memory
 
-    import torch
-
-    gc.collect()
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.empty_cache()
-
-
-class _StagePeaks:
-    """Peak device memory per named stage on CUDA: the torch allocator's peak inside the stage and the whole
-    device's used memory at its end (this one includes what TensorRT / ONNX Runtime allocate themselves)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peaks: dict[str, dict[str, float]] = {}
-
-    def wrap(self, name: str, fn):
-        import torch
-
-        def run(*args):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            out = fn(*args)
-            torch.cuda.synchronize(self.device)
-            free, total = torch.cuda.mem_get_info(self.device)
-            rec = self.peaks.setdefault(name, {"torch_peak_allocated_mb": 0.0, "device_used_mb": 0.0})
-            rec["torch_peak_allocated_mb"] = max(rec["torch_peak_allocated_mb"],
-                                                 torch.cuda.max_memory_allocated(self.device) / 2**20)
-            rec["device_used_mb"] = max(rec["device_used_mb"], (total - free) / 2**20)
-            return out
-
-        return run
-
-
-def measure_stage_memory(model, backend, *, prompts, seeds, cameras, height, width, steps, guidance) -> dict:
-    """One generation with the peak device memory of each stage (conditioning, unet, vae_decode): CUDA only."""
-    from mvz.pipeline import MultiviewPipeline
-
-    device = model.device
-    if device.type != "cuda":
-        return {"status": "skipped", "reason": "peak device memory per stage is measured on CUDA only"}
-    import torch
-
-    peaks = _StagePeaks(device)
-    # plain wrappers: the backend's denoiser was made for these cameras' view count (the pipeline sets it only
-    # on denoisers that have the attribute)
-    pipe = MultiviewPipeline(model, peaks.wrap("unet", backend.denoiser), peaks.wrap("vae_decode", backend.decoder),
-                             num_views=cameras.num_views)
-    model.clear_residual_cache()
-    with torch.no_grad():
-        cond = peaks.wrap("conditioning", lambda: pipe.prepare(list(prompts), cameras, height, width, guidance))()
-    pipe.sample(list(prompts), list(seeds), steps=steps, guidance=guidance, cameras=cameras, height=height,
-                width=width, conditioning=cond)
-    return {"status": "ok", "stages": peaks.peaks}
-
-
-def write_outputs(report: dict, out: Path, sheet_rows=(), plots: bool = True) -> dict:
-    """report.json, report.md, plots and the contact sheet into ``out`` (atomic writes)."""
-    from bench.report import render_markdown, write_report_json
-    from mvz.atomic import write_text
-
-    art: dict = {"report_json": "report.json", "report_md": "report.md", "plots": [], "contact_sheet": None}
-    report["artifacts"] = art
-    if plots:
-        from bench import plots as pl
-
-        for fn, fname in ((pl.latency_plot, "latency.png"), (pl.fidelity_plot, "fidelity.png"), (pl.quality_plot, "quality.png")):
-            try:
-                if fn(report, out / fname):
-                    art["plots"].append(fname)
-            except Exception as exc:  # a figure must never lose the measurements
-                art.setdefault("plot_errors", []).append(f"{fname}: {type(exc).__name__}: {exc}")
-        if sheet_rows and pl.contact_sheet(list(sheet_rows), out / "contact_sheet.png"):
-            art["contact_sheet"] = "contact_sheet.png"
-    write_text(out / "report.md", render_markdown(report) + "\n")
-    write_report_json(out / "report.json", report)
-    return art
+    release_device_memory()

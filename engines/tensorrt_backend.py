@@ -10,8 +10,8 @@ share (is TensorRT here, the check input): ``engines.tensorrt_common``.
 Load: the export manifest must fit the model and the request; the engine manifest must belong to this very
 export (its manifest's sha256), each plan must be the one built (full sha256) from this export's ONNX, for
 this TensorRT and GPU. A model that carries another LoRA than the engines is served by refitting the UNet
-engine, all or nothing; a refused refit raises :class:`RefitRefusedError` and the caller (the CLI) decides
-to rebuild (the deployment session): the runtime never calls the exporter.
+engine, all or nothing; a refused refit raises :class:`RefitRefusedError` and the session (``engines.session``) decides
+to rebuild: the runtime never calls the exporter.
 
 Run: deserialize once, one execution context, preallocated torch tensors bound by address once,
 ``execute_async_v3`` on the current torch stream; optional CUDA-graph capture of that call (torch's CUDA
@@ -164,8 +164,8 @@ def create_tensorrt_backend(model, engines_dir, *, num_views, height, width, bat
                             release_torch: bool = True) -> Backend:
     """Engines of an export folder behind the Denoiser/Decoder contract. A model carrying another LoRA (or
     none) is served by refitting a refittable UNet engine; when that is impossible this raises
-    :class:`RefitRefusedError`; the caller decides (``mvz generate`` catches it, leaves the ``except`` block and
-    rebuilds with ``engines.tensorrt_build.rebuild_for_model``)."""
+    :class:`RefitRefusedError`; the session decides (``engines.session`` catches it, leaves the ``except`` block
+    and rebuilds with ``rebuild_tensorrt_engines``)."""
     from engines.base import model_lora_identity, same_lora
 
     trt = _trt()

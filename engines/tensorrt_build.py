@@ -289,27 +289,3 @@ def build_engines(
     current.save(out)
     return current
 
-
-def rebuild_for_model(model, export_dir: Path, why: str, on_stage: StageCallback | None = None) -> Path:
-    """The fall-back when a LoRA cannot be switched by refit: export the model with its LoRA fused and build
-    engines for it under ``<export>/lora_rebuilds/<lora sha256[:12]>-x<scale>/`` (reused next time), with
-    the options of the original export and engines. Called by the CLI, never by the runtime."""
-    from engines.base import model_lora_identity
-    from export.exporter import export_model
-
-    manifest = read_manifest(export_dir)
-    em = EngineManifest.load(export_dir / ENGINES_SUBDIR)
-    lid = model_lora_identity(model)
-    tag = f"{lid['sha256'][:12]}-x{lid['scale']:g}" if lid else "no-lora"
-    out = export_dir / "lora_rebuilds" / tag
-    if on_stage:
-        on_stage("rebuild", "start", {"reason": why, "folder": str(out)})
-    res = export_model(model, out, num_views=manifest.num_views, height=manifest.height, width=manifest.width,
-                       batch=manifest.batch, precision=manifest.precision, vae_precision=manifest.vae_precision,
-                       opset=manifest.opset, exporter=manifest.exporter, dynamic_batch=manifest.dynamic_batch,
-                       on_stage=on_stage)
-    free_device_memory()
-    build_engines(res.folder, workspace_bytes=em.workspace_bytes or (8 << 30), opt_level=em.builder_optimization_level,
-                  refittable=em.engines["unet"].refittable, timing_cache=export_dir / ENGINES_SUBDIR / "timing.cache",
-                  on_stage=on_stage)
-    return res.folder

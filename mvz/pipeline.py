@@ -15,6 +15,7 @@ then every step's noise, so a batch of prompts gives exactly the images of one p
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,8 @@ from mvz.models.attention import MVSettings
 from mvz.models.cameras import CameraSet
 from mvz.models.multiview import MultiviewModel
 from mvz.scheduler import LCMSchedule, inverse_step, policy_step
+from mvz.spec import DEFAULT_GUIDANCE, DEFAULT_STEPS, HOUSE_LIMITS, SampleSpec, default_azimuths
 
-DEFAULT_GUIDANCE = 7.0
-DEFAULT_STEPS = 8
 # VAE views decoded per call: 2 keeps the fp32 SDXL VAE's 768 px activations (~2.5 GiB per image, estimated, not
 # measured) within the 16 GiB generate budget next to the UNet engine; a smaller chunk only costs launches.
 DEFAULT_VAE_VIEWS_PER_CALL = 2
@@ -74,6 +74,12 @@ class TorchDenoiser:
         self.name = name
         defaults = getattr(model, "mv_settings", None) or MVSettings()
         self.mv_scale = defaults.mv_scale if mv_scale is None else float(mv_scale)
+
+    def with_views(self, num_views: int) -> TorchDenoiser:
+        """A denoiser over the same UNet for ``num_views`` views (this one is left as it is)."""
+        other = copy.copy(self)
+        other.num_views = int(num_views)
+        return other
 
     def settings(self, sample: torch.Tensor) -> MVSettings:
         """The multiview settings of a call on ``sample[B·V, C, h, w]``."""
@@ -156,27 +162,32 @@ class SampleResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def validate_sampling(prompts: Sequence[str], steps: int, num_views: int) -> None:
-    """The checks that need no model: prompts, step count, view count."""
+def validate_prompts(prompts: Sequence[str]) -> None:
     if not prompts:
         raise InputError("no prompt given.", "Pass a prompt or a --prompts file with one prompt per line.")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise InputError("a prompt is empty.", "Give every prompt some text.")
-    if steps < 1 or steps > 50:
-        raise InputError(f"--steps must be between 1 and 50 (LCM's 50 original steps), got {steps}.")
-    if num_views < 1:
-        raise InputError(f"--views must be at least 1, got {num_views}.")
 
 
 def validate_request(prompts: Sequence[str], steps: int, num_views: int, height: int, width: int, multiple: int) -> None:
-    validate_sampling(prompts, steps, num_views)
-    for side, value in (("height", height), ("width", width)):
-        if value < multiple or value % multiple:
-            raise InputError(
-                f"{side} {value} is not a positive multiple of {multiple}, which this model needs.",
-                f"Use e.g. {max(multiple, round(value / multiple) * multiple)}.",
-            )
+    """The prompts, and the numbers of a request by ``mvz.spec``'s rules, for a model of this size multiple."""
+    validate_prompts(prompts)
+    azimuths = default_azimuths(num_views) if num_views >= 1 else ()
+    SampleSpec(steps=steps, azimuths=azimuths, height=height, width=width).check(
+        HOUSE_LIMITS.narrowed(resolution_multiple=multiple))
+
+
+def denoiser_for_views(denoiser, num_views: int):
+    """``denoiser`` for ``num_views`` views, never changed in place: one made for them as it is, else its
+    ``with_views`` copy; a fixed-shape engine made for other views is refused."""
+    made_for = getattr(denoiser, "num_views", None)
+    if made_for is None or made_for == num_views:
+        return denoiser
+    if hasattr(denoiser, "with_views"):
+        return denoiser.with_views(num_views)
+    raise InputError(f"this backend was made for {made_for} views, got {num_views}.",
+                     f"Ask for {made_for} views, or export for {num_views}.")
 
 
 class MultiviewPipeline:
@@ -217,9 +228,21 @@ class MultiviewPipeline:
         return torch.cat([torch.randn((num_views, c, h, w), generator=g, dtype=torch.float32) for g in gens]).to(self.model.device)
 
     # ---- sampling ---------------------------------------------------------------------------------
-    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, inverse: bool = False) -> torch.Tensor:
+    def _eps(self, denoiser: Denoiser, x: torch.Tensor, t: int, cond: Conditioning, inverse: bool = False) -> torch.Tensor:
         ts = torch.tensor([float(t)], device=x.device, dtype=torch.float32)
-        return self.denoiser(x.to(self.model.dtype), ts, *cond.args(inverse)).float()
+        return denoiser(x.to(self.model.dtype), ts, *cond.args(inverse)).float()
+
+    @property
+    def limits(self):
+        """The house limits for this model's size multiple (a session narrows them to its engines)."""
+        return HOUSE_LIMITS.narrowed(resolution_multiple=self.model.resolution_multiple,
+                                     default_resolution=self.model.info.default_resolution)
+
+    def run(self, prompts: Sequence[str], seeds: Sequence[int], spec: SampleSpec, **options) -> SampleResult:
+        """Sample ``spec`` as it is (its LoRA scale is the session's business); ``options`` as :meth:`sample`'s."""
+        cameras = CameraSet(azimuths=spec.azimuths, elevation=spec.elevation)
+        return self.sample(prompts, seeds, steps=spec.steps, guidance=spec.guidance, cameras=cameras,
+                           height=spec.height, width=spec.width, zmv=spec.zmv, zmv_steps=spec.zmv_steps, **options)
 
     def sample(
         self,
@@ -253,13 +276,14 @@ class MultiviewPipeline:
         cameras = cameras or CameraSet.default()
         height = height or m.info.default_resolution
         width = width or m.info.default_resolution
-        validate_request(prompts, steps, cameras.num_views, height, width, m.resolution_multiple)
+        validate_prompts(prompts)
+        SampleSpec(steps=steps, guidance=guidance, azimuths=cameras.azimuths, elevation=cameras.elevation, height=height,
+                   width=width, zmv=zmv, zmv_steps=zmv_steps).check(self.limits)
         if len(seeds) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds.", "Give one seed per prompt.")
         v, f = cameras.num_views, m.vae_scale_factor
         h, w = height // f, width // f
-        if hasattr(self.denoiser, "num_views"):
-            self.denoiser.num_views = v
+        denoiser = denoiser_for_views(self.denoiser, v)
         timings: dict[str, float] = {}
         sync = torch.cuda.synchronize if m.device.type == "cuda" else (lambda: None)
 
@@ -283,15 +307,15 @@ class MultiviewPipeline:
         with torch.no_grad():
             for i, t in enumerate(schedule.timesteps):
                 t_prev = schedule.prev_timestep(i)
-                out = policy_step(self._eps(x, t, cond), x, t, t_prev, ac, noise=self.noise(gens, v, h, w))
+                out = policy_step(self._eps(denoiser, x, t, cond), x, t, t_prev, ac, noise=self.noise(gens, v, h, w))
                 nfe += 1
                 if zmv and i < zmv_steps:
                     for _ in range(zmv_repeats):
                         # zag: query the UNet at the target t (low guidance), invert x' back to t
-                        eps_inv = self._eps(out.prev_sample, t, cond, inverse=True)
+                        eps_inv = self._eps(denoiser, out.prev_sample, t, cond, inverse=True)
                         x = inverse_step(eps_inv, out.prev_sample, t_prev, t, ac)
                         # zig again from the inverted latent, fresh noise
-                        out = policy_step(self._eps(x, t, cond), x, t, t_prev, ac, noise=self.noise(gens, v, h, w))
+                        out = policy_step(self._eps(denoiser, x, t, cond), x, t, t_prev, ac, noise=self.noise(gens, v, h, w))
                         nfe += 2
                 if record:
                     states.append(x)

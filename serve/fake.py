@@ -31,7 +31,7 @@ class FakeRunner:
         if self.fail_on and any(self.fail_on in w.prompt for w in works):
             raise RuntimeError("injected failure")
         self.batches.append(list(works))
-        v, r = len(key.azimuths), key.resolution
+        v, r = len(key.azimuths), key.height
         outs = []
         for w in works:
             g = torch.Generator().manual_seed(w.seed)

@@ -14,21 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from mvz.errors import InputError
+from mvz.spec import Limits, SampleSpec, default_azimuths
 
+__all__ = ["BatchKey", "Limits", "ModelRunner", "Output", "RunnerConfig", "Work", "load_runner", "make_runner"]
 
-@dataclass(frozen=True)
-class BatchKey:
-    """What must be equal for requests to share one UNet call per step (the pipeline takes one value of
-    each per ``sample`` call)."""
-
-    steps: int
-    azimuths: tuple[float, ...]
-    elevation: float
-    resolution: int
-    zmv: bool
-    zmv_steps: int
-    guidance: float
-    lora_scale: float | None
+# What must be equal for requests to share one UNet call per step: the sampling spec itself.
+BatchKey = SampleSpec
+SERVE_MAX_RESOLUTION = 2048  # a served request is at most this side (a bound on one request's memory)
 
 
 @dataclass(frozen=True)
@@ -43,20 +35,6 @@ class Output:
 
     images: Any
     metadata: dict[str, Any]
-
-
-@dataclass
-class Limits:
-    """What this server accepts (fixed by an exported engine, or the defaults of the torch backends)."""
-
-    default_resolution: int
-    resolution_multiple: int
-    max_views: int
-    fixed_views: int | None = None  # exported graphs: the views they were exported for
-    fixed_resolution: int | None = None  # exported graphs: the resolution they were exported for
-    lora_scale_settable: bool = False
-    lora_scale: float | None = None
-    max_resolution: int = 2048
 
 
 @dataclass
@@ -75,39 +53,30 @@ class RunnerConfig:
 
 
 class ModelRunner:
-    """A loaded model + pipeline; :meth:`run` does one batch (call it from one thread only)."""
+    """A deployment session and what this server accepts; :meth:`run` does one batch (from one thread only)."""
 
-    def __init__(self, model, pipe, backend_info: dict[str, Any], limits: Limits, max_batch: int, device, dtype,
-                 load_s: float):
-        self.model = model
-        self.pipe = pipe
-        self.backend_info = backend_info
+    def __init__(self, session, limits: Limits, max_batch: int, load_s: float):
+        self.session = session
         self.limits = limits
         self.max_batch = max_batch
-        self.device = device
-        self.dtype = dtype
         self.load_s = load_s
-        self._lora_scale = limits.lora_scale
 
-    def _set_lora_scale(self, scale: float | None) -> None:
-        if scale is None or not self.limits.lora_scale_settable or scale == self._lora_scale:
-            return
-        from mvz.models.lora import set_lora_scale
+    @property
+    def model(self):
+        return self.session.model
 
-        set_lora_scale(self.model.unet, scale)
-        self._lora_scale = scale
+    @property
+    def pipe(self):
+        return self.session.pipeline
+
+    @property
+    def backend_info(self) -> dict[str, Any]:
+        return self.session.info()
 
     def run(self, key: BatchKey, works: list[Work]) -> list[Output]:
-        from mvz.models.cameras import CameraSet
-
         if len(works) > self.max_batch:
             raise ValueError(f"batch of {len(works)} exceeds max_batch {self.max_batch}")
-        self._set_lora_scale(key.lora_scale)
-        cameras = CameraSet(azimuths=key.azimuths, elevation=key.elevation)
-        result = self.pipe.sample(
-            [w.prompt for w in works], [w.seed for w in works], steps=key.steps, guidance=key.guidance,
-            cameras=cameras, height=key.resolution, width=key.resolution, zmv=key.zmv, zmv_steps=key.zmv_steps,
-        )
+        result = self.session.sample([w.prompt for w in works], [w.seed for w in works], key)
         return [Output(result.images[i], self.metadata(key, w, result, len(works))) for i, w in enumerate(works)]
 
     def metadata(self, key: BatchKey, work: Work, result, batch: int) -> dict[str, Any]:
@@ -118,33 +87,28 @@ class ModelRunner:
         return generation_record(
             prompt=work.prompt, seed=work.seed, steps=key.steps, guidance=key.guidance, zmv=key.zmv,
             zmv_steps=key.zmv_steps, result=result, azimuths=key.azimuths, elevation=key.elevation,
-            resolution=key.resolution, model_info=info, lora=info.lora,
+            resolution=key.height, model_info=info, lora=info.lora,
             lora_scale=key.lora_scale if key.lora_scale is not None else info.lora_scale, backend=self.backend_info,
-            device=self.device, dtype=self.dtype, load_s=self.load_s, prompts_in_call=batch,
+            device=self.model.device, dtype=self.model.dtype, load_s=self.load_s, prompts_in_call=batch,
         )
 
     def warmup(self) -> float:
         """Run one full-size batch once (allocations, autotuning, compiled graphs); returns seconds."""
-        from mvz.models.cameras import CameraSet
-
         t0 = time.perf_counter()
         lim = self.limits
-        views = lim.fixed_views or 6
         res = lim.fixed_resolution or lim.default_resolution
-        key = BatchKey(1, CameraSet.default(views).azimuths, 0.0, res, False, 1, 7.0, None)
+        key = SampleSpec(steps=1, azimuths=default_azimuths(lim.fixed_views), height=res, width=res)
         self.run(key, [Work("warm-up", i) for i in range(self.max_batch)])
         return time.perf_counter() - t0
 
 
 def check_config(cfg: RunnerConfig) -> None:
     """What can be checked before loading anything (so a typo fails in a second, not after the load)."""
-    from engines import BACKENDS
+    from engines import registry
 
     if cfg.max_batch < 1:
         raise InputError(f"--max-batch must be at least 1, got {cfg.max_batch}.")
-    if cfg.backend not in BACKENDS:
-        raise InputError(f"unknown backend {cfg.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
-    if cfg.backend in ("onnxruntime", "tensorrt") and cfg.engines is None:
+    if registry.get(cfg.backend).needs_export and cfg.engines is None:
         raise InputError(f"--backend {cfg.backend} needs --engines DIR (an mvz export folder).")
     if cfg.lora is not None and not Path(cfg.lora).exists():
         raise InputError(f"LoRA {cfg.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
@@ -163,30 +127,19 @@ def load_runner(cfg: RunnerConfig) -> ModelRunner:
     return make_runner(model, cfg, time.perf_counter() - t0)
 
 
-def make_runner(model, cfg: RunnerConfig, load_s: float = 0.0) -> ModelRunner:
-    """A runner over a loaded model: the backend of ``cfg`` (engines checked against their manifest)."""
-    from engines import create_backend
-    from mvz.pipeline import MultiviewPipeline
+def make_runner(model, cfg: RunnerConfig, load_s: float = 0.0, say=None) -> ModelRunner:
+    """A runner over a loaded model: a session of ``cfg``'s backend (engines checked against their manifest,
+    rebuilt when a refit is refused); the batch is the engines' when they are static."""
+    from engines.session import BackendSpec, open_session
 
-    t0 = time.perf_counter()
-    limits = Limits(model.info.default_resolution, model.resolution_multiple, cfg.max_views,
-                    lora_scale=model.info.lora_scale if model.info.lora else None)
-    max_batch = cfg.max_batch
-    if cfg.backend in ("onnxruntime", "tensorrt"):
-        from mvz.artifacts.manifest import read_manifest
+    check_config(cfg)
+    spec = BackendSpec(cfg.backend, cfg.engines, batch=cfg.max_batch, device=model.device, max_views=cfg.max_views)
+    session = open_session(model, spec, say=say or _log_line)
+    limits = session.limits.narrowed(max_resolution=SERVE_MAX_RESOLUTION)
+    return ModelRunner(session, limits, session.max_batch, load_s + session.open_s)
 
-        manifest = read_manifest(Path(cfg.engines))
-        limits.fixed_views, limits.fixed_resolution = manifest.num_views, manifest.height
-        limits.max_views = manifest.num_views
-        if not manifest.dynamic_batch:
-            max_batch = manifest.batch  # a static graph: smaller batches are padded to it, never exceed it
-        backend = create_backend(cfg.backend, model, engines_dir=cfg.engines, num_views=manifest.num_views,
-                                 height=manifest.height, width=manifest.width, batch=max_batch, device=model.device)
-    else:
-        backend = create_backend(cfg.backend, model, num_views=6, device=model.device)
-        limits.lora_scale_settable = model.info.lora is not None
-    pipe = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder)
-    # the same backend description as mvz generate's sidecar
-    info = {"name": "torch"} if cfg.backend == "torch" else {"name": backend.name, **dict(backend.info)}
-    return ModelRunner(model, pipe, info, limits, max_batch, model.device, model.dtype,
-                       load_s + time.perf_counter() - t0)
+
+def _log_line(line: str) -> None:
+    import logging
+
+    logging.getLogger("mvz.serve").warning(line)

@@ -46,7 +46,7 @@ def test_gpu_check_without_cuda_says_so(capsys):
 
 
 def test_bench_builds_tensorrt_engines_when_tensorrt_can_run(tmp_path, monkeypatch):
-    """With TensorRT available, the bench builds (or reuses) the engines of the export before creating the
+    """With TensorRT available, the bench builds (or reuses) the engines of the export before opening the
     backend, so TensorRT is measured rather than skipped. TensorRT itself is faked (none here)."""
     from bench import backends as bk
     from bench.suite import BenchConfig, run_bench
@@ -55,37 +55,21 @@ def test_bench_builds_tensorrt_engines_when_tensorrt_can_run(tmp_path, monkeypat
     avail = {n: None for n in bk.KNOWN_BACKENDS}
     monkeypatch.setattr(bk, "availability", lambda: avail)
     built, created = [], []
-    monkeypatch.setattr(bk, "build_tensorrt_engines", lambda folder, log: built.append(folder) or {"folder": str(folder)})
-    real_create = bk.create
+    monkeypatch.setattr(bk, "build_engines", lambda name, folder, log: built.append((name, folder)) or {"folder": str(folder)})
+    real_open = bk.open_backend
 
-    def create(name, model, **kw):
+    def open_backend(name, model, **kw):
         created.append((name, built[:]))
         if name == "tensorrt":
             raise BackendUnavailableError("fake: no engines")
-        return real_create(name, model, **kw)
+        return real_open(name, model, **kw)
 
-    monkeypatch.setattr(bk, "create", create)
+    monkeypatch.setattr(bk, "open_backend", open_backend)
     engines = tmp_path / "export"
     cfg = BenchConfig(model="tiny", device="cpu", height=64, width=64, steps=1, runs=1, warmup=0, fidelity=False,
                       quality="off", latency_reward="none", backends=["torch", "tensorrt"], engines_dir=str(engines),
                       plots=False, out=str(tmp_path / "out"))
     report = run_bench(cfg)
-    assert built == [engines]
-    assert ("tensorrt", [engines]) in created, "engines are built before the TensorRT backend is created"
+    assert built == [("tensorrt", engines)]
+    assert ("tensorrt", [("tensorrt", engines)]) in created, "engines are built before the TensorRT backend is opened"
     assert report["engines_build"] == {"folder": str(engines)}
-
-
-def test_tensorrt_builder_prefers_the_build_module(monkeypatch):
-    import sys
-    import types
-
-    from bench import backends as bk
-
-    fake = types.ModuleType("engines.tensorrt_build")
-    fake.build_engines = lambda folder: "built"
-    monkeypatch.setitem(sys.modules, "engines.tensorrt_build", fake)
-    assert bk.tensorrt_builder() is fake.build_engines
-    monkeypatch.setitem(sys.modules, "engines.tensorrt_build", None)  # not there: the runtime module's, if any
-    import engines.tensorrt_backend as runtime
-
-    assert bk.tensorrt_builder() is getattr(runtime, "build_engines", None)

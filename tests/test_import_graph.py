@@ -12,9 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the one engines module allowed to call the exporter: the session's "refit, else rebuild" policy
 EXPORT_ALLOWED = {"engines.session"}
-# functions whose imports are not counted yet: issue 17 part A moves ``rebuild_for_model`` into
-# engines/session.py; until then it is the one export import left in engines (delete the entry then)
-PENDING = {"engines.tensorrt_build": {"rebuild_for_model"}}
+# functions whose imports are not counted (none: the rebuild lives in engines/session.py)
+PENDING: dict[str, set[str]] = {}
 
 
 def imported_modules(path: Path, package: str, skip_functions: set[str] = frozenset()) -> set[str]:

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 def test_group_compatible_packs_same_keys_up_to_max_batch():
     from serve.ray_app import group_compatible
 
-    a = BatchKey(2, (0.0,), 0.0, 64, False, 1, 7.0, None)
-    b = BatchKey(4, (0.0,), 0.0, 64, False, 1, 7.0, None)
+    a = BatchKey(steps=2, azimuths=(0.0,), height=64, width=64)
+    b = BatchKey(steps=4, azimuths=(0.0,), height=64, width=64)
     items = [(a, Work("p", 0)), (b, Work("p", 1)), (a, Work("p", 2)), (a, Work("p", 3))]
     assert group_compatible(items, 2) == [[0, 2], [3], [1]]
 

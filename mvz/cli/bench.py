@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from mvz.spec import DEFAULT_AZIMUTHS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
+
 
 def register(app: typer.Typer) -> None:
     @app.command("bench")
@@ -20,13 +22,13 @@ def register(app: typer.Typer) -> None:
         resolution: int = typer.Option(None, "--resolution", help="Image side in pixels (default: the model's, 768 for sdxl-lcm)."),
         height: int = typer.Option(None, "--height", hidden=True, help="Old: image height (use --resolution)."),
         width: int = typer.Option(None, "--width", hidden=True, help="Old: image width (use --resolution)."),
-        views: int = typer.Option(6, "--views", help="Views per multiview set."),
-        steps: int = typer.Option(8, "--steps", help="LCM sampling steps."),
-        guidance: float = typer.Option(7.0, "--guidance", help="LCM guidance (w-embedding)."),
+        views: int = typer.Option(len(DEFAULT_AZIMUTHS), "--views", help="Views per multiview set."),
+        steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="LCM sampling steps."),
+        guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="LCM guidance (w-embedding)."),
         batch: int = typer.Option(1, "--batch-size", help="Prompts per timed generation (all their views in one UNet call)."),
         warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up runs per backend."),
         runs: int = typer.Option(20, "--runs", help="Timed runs per backend (median/p90/p99/min over them)."),
-        seed: int = typer.Option(42, "--seed", help="Seed of the first prompt (0..2^63-1); prompt i uses seed + i."),
+        seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the first prompt (0..2^63-1); prompt i uses seed + i."),
         prompts: Path = typer.Option(None, "--prompts", help="Prompt file, one a line (default: bench/prompts/objects.txt)."),
         latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
         fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Compare each backend with the reference."),
@@ -117,7 +119,8 @@ def _note_partial_results_on_interrupt(out: Path) -> None:
 
 def _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,
                    fidelity_prompts, quality_prompts, peak_tflops) -> None:
-    """The same checks as generate's, before torch is imported."""
+    """The same checks as generate's (``mvz.spec``'s), before torch is imported."""
+    from mvz import spec as sp
     from mvz.cli import checks
     from mvz.errors import InputError
 
@@ -125,10 +128,10 @@ def _check_numbers(resolution, height, width, views, steps, guidance, batch, war
         raise InputError("--resolution and the old --height/--width were both given.", "Pass only --resolution.")
     for flag, value in (("--resolution", resolution), ("--height", height), ("--width", width)):
         checks.resolution(value, flag)
-    checks.at_least(views, "--views")
-    checks.steps(steps)
-    checks.finite(guidance, "--guidance", low=0.0, high=100.0)
-    checks.finite(lora_scale, "--lora-scale", low=-10.0, high=10.0)
+    spec = sp.SampleSpec.build(views=views, steps=steps, guidance=guidance, lora_scale=lora_scale)
+    side = resolution or max(height or 0, width or 0) or None
+    checks.fits_memory(side, views, batch)  # before the numbers: says how much is needed
+    spec.check(sp.HOUSE_LIMITS.narrowed(lora_scale_settable=True))
     checks.at_least(batch, "--batch-size")
     checks.at_least(runs, "--runs")
     checks.at_least(warmup, "--warmup", 0)
@@ -137,8 +140,6 @@ def _check_numbers(resolution, height, width, views, steps, guidance, batch, war
     checks.seed(seed, max(batch, fidelity_prompts, quality_prompts))
     if peak_tflops is not None:
         checks.finite(peak_tflops, "--peak-tflops", low=1e-3)
-    side = resolution or max(height or 0, width or 0) or None
-    checks.fits_memory(side, views, batch)
 
 
 def _fail_when_nothing_ran(report: dict, out: Path) -> None:
@@ -159,9 +160,11 @@ def _precision_bench(opts: dict) -> None:
     from bench.precision import render_rows, run_precision_bench
     from bench.report import sanitize
     from bench.suite import shipped_prompts
+    from engines import registry
     from mvz.prompts import read_prompt_file
 
-    names = [b.strip() for b in opts["backends"].split(",") if b.strip() in ("onnxruntime", "tensorrt")]
+    names = [b.strip() for b in opts["backends"].split(",") if b.strip() in registry.backend_names()
+             and registry.get(b.strip()).needs_export]
     prompts = read_prompt_file(opts["prompts"] or shipped_prompts("objects"))[: max(opts["quality_prompts"], 1)]
     section = run_precision_bench(
         model_name=opts["model"], precisions=[p.strip() for p in opts["precisions"].split(",") if p.strip()],

@@ -5,33 +5,18 @@ Each check raises ``InputError`` with one line saying what is wrong and what to 
 
 from __future__ import annotations
 
-import math
 import os
 
 from mvz.errors import InputError
+from mvz.spec import HOUSE_LIMITS, MAX_STEPS, SEED_MAX  # noqa: F401  (MAX_STEPS: re-exported for the CLI)
+from mvz.spec import finite_in as spec_finite
 
-SEED_MAX = 2**63 - 1  # seeds are 0..2^63-1 (int64, what torch.Generator and JSON sidecars carry); negative refused
-ELEVATION_LIMIT = 90.0  # degrees; the adapter was trained at 0, the maths breaks at the poles
 RESOLUTION_MULTIPLE = 8  # the VAE's factor; the model's own multiple (32 for SDXL) is checked once it is loaded
 
 
 def finite(value: float, flag: str, *, low: float | None = None, high: float | None = None) -> float:
-    """``value`` is a real number (no NaN/inf) inside [low, high]."""
-    if not math.isfinite(value):
-        raise InputError(f"{flag} must be a finite number, got {value}.", _range_hint(flag, low, high))
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise InputError(f"{flag} must be in {_range(low, high)}, got {value:g}.", _range_hint(flag, low, high))
-    return value
-
-
-def _range(low, high) -> str:
-    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
-
-
-def _range_hint(flag: str, low, high) -> str:
-    if low is None and high is None:
-        return f"Pass {flag} as plain numbers (degrees)."
-    return f"Pass {flag} as a plain number in {_range(low, high)}."
+    """``value`` is a real number (no NaN/inf) inside [low, high] (the wording of ``mvz.spec``)."""
+    return spec_finite(value, flag, lambda _: flag, low, high)
 
 
 def at_least(value: int, flag: str, low: int = 1) -> int:
@@ -57,7 +42,7 @@ def azimuths(values: list[float]) -> list[float]:
 
 
 def elevation(value: float) -> float:
-    return finite(value, "--elevation", low=-ELEVATION_LIMIT, high=ELEVATION_LIMIT)
+    return finite(value, "--elevation", low=HOUSE_LIMITS.elevation[0], high=HOUSE_LIMITS.elevation[1])
 
 
 def resolution(value: int | None, flag: str = "--resolution") -> int | None:
@@ -104,9 +89,6 @@ def fits_memory(resolution: int | None, views: int, batch: int, available: int |
             f"{batch} x {views} views at {resolution} px need at least {need / 2**30:,.1f} GiB; "
             f"{where} has {available / 2**30:,.1f} GiB.",
             "Lower --resolution, --views or --batch-size.")
-
-
-MAX_STEPS = 50  # LCM's original inference steps (mvz.scheduler.ORIGINAL_INFERENCE_STEPS; a test keeps them equal)
 
 
 def steps(value: int, flag: str = "--steps") -> int:

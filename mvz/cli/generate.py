@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mvz.spec import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_STEPS
+
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
@@ -20,9 +22,9 @@ def register(app: typer.Typer) -> None:
         random_weights: bool = typer.Option(False, "--random-weights", help="Full-size architecture with random weights (no download)."),
         lora: Path = typer.Option(None, help="A MVC-ZigAL LoRA file (PEFT layout) or a folder holding one."),
         lora_scale: float = typer.Option(1.0, help="LoRA scale."),
-        seed: int = typer.Option(42, help="Seed of the first prompt (0..2^63-1); prompt i uses seed + i."),
-        steps: int = typer.Option(8, help="LCM steps (1-50; the paper uses 8 or 4)."),
-        guidance: float = typer.Option(7.0, help="Guidance scale (enters as the LCM w-embedding w = g - 1)."),
+        seed: int = typer.Option(DEFAULT_SEED, help="Seed of the first prompt (0..2^63-1); prompt i uses seed + i."),
+        steps: int = typer.Option(DEFAULT_STEPS, help=f"LCM steps (1-{MAX_STEPS}; the paper uses 8 or 4)."),
+        guidance: float = typer.Option(DEFAULT_GUIDANCE, help="Guidance scale (enters as the LCM w-embedding w = g - 1)."),
         views: int = typer.Option(None, help="Number of views (default 6, or the number of --azimuths)."),
         azimuths: str = typer.Option(None, help="Comma-separated azimuths in degrees (default 0,45,90,180,270,315)."),
         elevation: float = typer.Option(0.0, help="Camera elevation in degrees, -90..90 (the adapter was trained at 0)."),

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mvz import spec as sp
 from mvz.errors import InputError
-
-BACKENDS = ("torch", "torch-compile", "torch-cudagraph", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -25,9 +24,9 @@ class GenerateRequest:
     random_weights: bool = False
     lora: Path | None = None
     lora_scale: float = 1.0
-    seed: int = 42
-    steps: int = 8
-    guidance: float = 7.0
+    seed: int = sp.DEFAULT_SEED
+    steps: int = sp.DEFAULT_STEPS
+    guidance: float = sp.DEFAULT_GUIDANCE
     views: int | None = None
     azimuths: str | None = None
     elevation: float = 0.0
@@ -52,36 +51,25 @@ def slugify(text: str, limit: int = 48) -> str:
     return slug[:limit].rstrip("-") or "prompt"
 
 
-def _check_cameras(req: GenerateRequest) -> int:
-    """The camera numbers, checked without torch. Returns the number of views."""
+def sample_spec(req: GenerateRequest, batch: int = 1) -> sp.SampleSpec:
+    """The request's sampling spec, checked by the house limits (no model, no torch yet). The LoRA scale is
+    checked even without --lora, and travels only with one (the model is loaded at that scale)."""
     from mvz.cli import checks
     from mvz.cli.common import parse_csv_floats
 
-    checks.elevation(req.elevation)
-    if req.azimuths:
-        az = checks.azimuths(parse_csv_floats(req.azimuths, "--azimuths"))
-        if not az:
-            raise InputError("--azimuths is empty.", "Give comma-separated degrees, e.g. 0,90,180,270.")
-        if req.views is not None and req.views != len(az):
-            raise InputError(f"--views {req.views} but {len(az)} --azimuths given.", "Drop --views or make them agree.")
-        return len(az)
-    if req.views is not None:
-        checks.at_least(req.views, "--views")
-    return 6 if req.views is None else req.views
+    azimuths = parse_csv_floats(req.azimuths, "--azimuths") if req.azimuths else None
+    spec = sp.SampleSpec.build(views=req.views, azimuths=azimuths, resolution=req.resolution, steps=req.steps,
+                               guidance=req.guidance, elevation=req.elevation, zmv=req.zmv, zmv_steps=req.zmv_steps,
+                               lora_scale=req.lora_scale)
+    checks.fits_memory(req.resolution, spec.views, batch)  # before the numbers: says how much is needed
+    spec.check(sp.HOUSE_LIMITS.narrowed(lora_scale_settable=True))
+    return replace(spec, lora_scale=req.lora_scale if req.lora else None)
 
 
-def _cameras(req: GenerateRequest):
-    from mvz.cli.common import parse_csv_floats
-    from mvz.models.cameras import CameraSet
-
-    if req.azimuths:
-        return CameraSet(azimuths=tuple(parse_csv_floats(req.azimuths, "--azimuths")), elevation=req.elevation)
-    base = CameraSet.default(req.views)
-    return CameraSet(azimuths=base.azimuths, elevation=req.elevation)
-
-
-def _check_request(req: GenerateRequest) -> list[str]:
-    """Everything that can be checked before loading a model (and before importing torch). Returns the prompts."""
+def _check_request(req: GenerateRequest) -> tuple[list[str], sp.SampleSpec]:
+    """Everything that can be checked before loading a model (and before importing torch): the prompts and
+    the sampling spec."""
+    from engines import registry
     from mvz.cli import checks
     from mvz.prompts import read_prompt_file
 
@@ -97,20 +85,18 @@ def _check_request(req: GenerateRequest) -> list[str]:
         prompts = [req.prompt.strip()]
     else:
         raise InputError("no prompt given.", 'Pass a prompt (mvz generate "a red chair") or --prompts FILE.')
-    checks.steps(req.steps)
-    if req.zmv_steps < 1 or req.zmv_steps > req.steps:
-        raise InputError(f"--zmv-steps must be between 1 and --steps ({req.steps}), got {req.zmv_steps}.")
     checks.at_least(req.batch_size, "--batch-size")
     checks.resolution(req.resolution)
     checks.seed(req.seed, len(prompts))
-    checks.finite(req.guidance, "--guidance", low=0.0, high=100.0)
-    checks.finite(req.lora_scale, "--lora-scale", low=-10.0, high=10.0)
-    views = _check_cameras(req)
-    checks.fits_memory(req.resolution, views, min(req.batch_size, len(prompts)))
+    spec = sample_spec(req, min(req.batch_size, len(prompts)))
     if req.overwrite and req.skip_existing:
         raise InputError("--overwrite and --skip-existing contradict each other.", "Pass one of them.")
-    if req.backend not in BACKENDS:
-        raise InputError(f"unknown backend {req.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
+    registry.get(req.backend)
+    _check_outputs(req)
+    return prompts, spec
+
+
+def _check_outputs(req: GenerateRequest) -> None:
     if req.out is not None and req.out.is_dir():
         raise InputError(f"--out {req.out} is a folder.", f"Name a .png file (e.g. {req.out / 'out.png'}) or pass --out-dir {req.out}.")
     if req.out is not None and req.out.suffix.lower() != ".png":
@@ -119,27 +105,6 @@ def _check_request(req: GenerateRequest) -> list[str]:
         raise InputError(f"--out-dir {req.out_dir} is a file.", "Pass a folder (it is created if missing).")
     if req.lora is not None and not req.lora.exists():
         raise InputError(f"LoRA {req.lora} does not exist.", "Pass the path of a mvczigal_lcm_sdxl_lora.safetensors file.")
-    return prompts
-
-
-def _create_backend_or_rebuild(create_backend, req: GenerateRequest, model, num_views: int, res: int, device, console):
-    """The backend; for TensorRT engines whose LoRA cannot be switched by refit, the CLI (never the runtime)
-    rebuilds: after the ``except`` block, so the failed refit's engine and refitter are released first."""
-    from mvz.artifacts.refit_plan import RefitRefusedError
-
-    kwargs = {"num_views": num_views, "height": res, "width": res, "batch": req.batch_size, "device": device}
-    why = None
-    try:
-        return create_backend(req.backend, model, engines_dir=req.engines, **kwargs)
-    except RefitRefusedError as err:
-        why = err.what
-    from engines.tensorrt_build import free_device_memory, rebuild_for_model
-    from engines.tensorrt_manifest import find_engine_folder
-
-    free_device_memory()
-    console.print(f"[yellow]rebuilding TensorRT engines[/yellow]: {why}")
-    folder = rebuild_for_model(model, find_engine_folder(Path(req.engines))[0], why)
-    return create_backend(req.backend, model, engines_dir=folder, **kwargs)
 
 
 def grid_paths(req: GenerateRequest, prompts: list[str]) -> list[Path]:
@@ -192,9 +157,9 @@ def _note_truncated(model, prompts: list[str]) -> None:
 
 def run_generate(req: GenerateRequest) -> list[Path]:
     from mvz.atomic import ensure_writable_dir
-    from mvz.cli import checks, interrupts, output
+    from mvz.cli import output
 
-    prompts = _check_request(req)  # before loading any model, or even torch
+    prompts, spec = _check_request(req)  # before loading any model, or even torch
     paths = grid_paths(req, prompts)
     todo = _todo(req, paths)
     if req.out_dir is not None:
@@ -204,112 +169,128 @@ def run_generate(req: GenerateRequest) -> list[Path]:
     if not todo:
         output.note(f"all {len(paths)} grids exist already (--skip-existing); nothing to do.")
         return []
-
-    import torch
-    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
-
-    from mvz.atomic import save_image, write_json
-    from mvz.models.loading import load_model, resolve_device, resolve_dtype
-    from mvz.pipeline import MultiviewPipeline, images_to_grid, validate_request
-    from mvz.sidecar import generation_record
-
-    cameras = _cameras(req)
     console = output.console(stderr=True, quiet=req.json_out)
+    session, spec, load_s = _open(req, spec, console)
+    _note_truncated(session.model, [prompts[i] for i in todo])
+    summary = _sample_all(req, session, spec, prompts, paths, todo, load_s, console)
+    _report(req, summary, spec)
+    return [Path(entry["grid"]) for entry in summary]
+
+
+def _open(req: GenerateRequest, spec: sp.SampleSpec, console):
+    """Load the model and open its session (engines checked, rebuilt when a refit is refused); the spec gets
+    the model's size and is checked against what the session serves before anything is written."""
+    import torch
+
+    from engines.session import BackendSpec, open_session, session_limits
+    from mvz.cli import checks, output
+    from mvz.models.loading import load_model, resolve_device, resolve_dtype
+
     device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype, device)
     if device.type == "cuda" and req.resolution:
         props = torch.cuda.get_device_properties(device)
-        checks.fits_memory(req.resolution, cameras.num_views, req.batch_size, props.total_memory, props.name)
-
+        checks.fits_memory(req.resolution, spec.views, req.batch_size, props.total_memory, props.name)
     t_load = time.perf_counter()
     output.log(f"loading model {req.model} on {device}")
     with console.status(f"loading model {req.model}..."):
-        model = load_model(
-            req.model,
-            base_model=req.base_model,
-            unet_model=req.unet_model,
-            vae_model=req.vae_model,
-            adapter=req.adapter,
-            random_weights=req.random_weights,
-            device=device,
-            dtype=dtype,
-            lora=str(req.lora) if req.lora else None,
-            lora_scale=req.lora_scale,
-        )
+        model = load_model(req.model, base_model=req.base_model, unet_model=req.unet_model, vae_model=req.vae_model,
+                           adapter=req.adapter, random_weights=req.random_weights, device=device, dtype=dtype,
+                           lora=str(req.lora) if req.lora else None, lora_scale=req.lora_scale)
     load_s = time.perf_counter() - t_load
     output.log(f"loaded {model.info.name} in {load_s:.1f}s")
-    res = req.resolution or model.info.default_resolution
-    # fail on bad sizes before any output is written
-    validate_request(prompts, req.steps, cameras.num_views, res, res, model.resolution_multiple)
-    checks.fits_memory(res, cameras.num_views, req.batch_size)
-    _note_truncated(model, [prompts[i] for i in todo])
+    spec = spec.sized(model.info.default_resolution)
+    backend = BackendSpec(req.backend, req.engines, num_views=spec.views, height=spec.height, width=spec.width,
+                          batch=req.batch_size, device=device)
+    spec.check(session_limits(model, backend))  # fail on bad sizes before any output is written
+    checks.fits_memory(spec.height, spec.views, req.batch_size)
+    session = open_session(model, backend, say=lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
+    return session, spec, load_s
 
-    if req.backend == "torch":
-        pipe = MultiviewPipeline(model, num_views=cameras.num_views)
-        backend_info = {"name": "torch"}
-    else:
-        from engines import create_backend
 
-        backend = _create_backend_or_rebuild(create_backend, req, model, cameras.num_views, res, device, console)
-        pipe = MultiviewPipeline(model, denoiser=backend.denoiser, decoder=backend.decoder, num_views=cameras.num_views)
-        backend_info = {"name": backend.name, **dict(backend.info)}
+def _sample_all(req: GenerateRequest, session, spec: sp.SampleSpec, prompts: list[str], paths: list[Path],
+                todo: list[int], load_s: float, console) -> list[dict]:
+    """Sample the prompts to do, ``--batch-size`` at a time, writing each grid as its batch finishes."""
+    import torch
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    outputs: list[Path] = []
-    summary = []
-    total_steps = len(todo) * req.steps
+    from mvz.cli import output
+
+    summary: list[dict] = []
     with output.progress_bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                              TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("sampling", total=total_steps)
+        task = progress.add_task("sampling", total=len(todo) * spec.steps)
         for start in range(0, len(todo), req.batch_size):
             batch = todo[start : start + req.batch_size]
             chunk = [prompts[i] for i in batch]
             seeds = [req.seed + i for i in batch]  # a prompt keeps its seed when others are skipped
             output.log(f"sampling prompts {batch[0] + 1}-{batch[-1] + 1} of {len(prompts)}")
             done = progress.tasks[task].completed
-            result = pipe.sample(
-                chunk, seeds, steps=req.steps, guidance=req.guidance, cameras=cameras, height=res, width=res,
-                zmv=req.zmv, zmv_steps=req.zmv_steps,
-                on_step=lambda i, n, d=done, k=len(chunk): progress.update(task, completed=d + i * k),
-            )
+            result = session.sample(chunk, seeds, spec,
+                                    on_step=lambda i, n, d=done, k=len(chunk): progress.update(task, completed=d + i * k))
             for j, text in enumerate(chunk):
-                grid_path = paths[batch[j]]
-                views = result.images[j]
-                entry = generation_record(
-                    prompt=text, seed=seeds[j], grid=str(grid_path), steps=req.steps, guidance=req.guidance,
-                    zmv=req.zmv, zmv_steps=req.zmv_steps, result=result, azimuths=cameras.azimuths,
-                    elevation=cameras.elevation, resolution=res, model_info=model.info,
-                    lora=str(req.lora) if req.lora else None, lora_scale=req.lora_scale, backend=backend_info,
-                    device=device, dtype=dtype, load_s=load_s, prompts_in_call=len(chunk),
-                )
-                text_chunks = png_text(entry)
-                if req.save_views:
-                    view_paths = []
-                    for v, az in enumerate(cameras.azimuths):
-                        vp = grid_path.with_name(f"{grid_path.stem}_view{v}_az{az:g}.png")
-                        save_image(vp, images_to_grid(views[v : v + 1]), text=text_chunks)
-                        view_paths.append(str(vp))
-                    entry["view_files"] = view_paths
-                    write_json(grid_path.with_suffix(".json"), entry)
-                save_image(grid_path, images_to_grid(views), text=text_chunks)  # last: a grid marks a complete set
-                outputs.append(grid_path)
+                entry = _record(req, session, spec, text, seeds[j], paths[batch[j]], result, len(chunk), load_s)
+                _write_grid(req, entry, result.images[j], spec)
                 summary.append(entry)
-                if len(paths) > 1:
-                    interrupts.set_outcome(f"{len(paths) - len(todo) + len(outputs)} of {len(paths)} grids in "
-                                           f"{grid_path.parent}; resume with the same command plus --skip-existing")
-                else:
-                    interrupts.set_outcome(f"{grid_path} written")
-            if device.type == "cuda":
+                _set_outcome(paths, todo, summary, paths[batch[j]])
+            if session.model.device.type == "cuda":
                 torch.cuda.synchronize()
+    return summary
+
+
+def _record(req: GenerateRequest, session, spec: sp.SampleSpec, text: str, seed: int, grid_path: Path, result,
+            prompts_in_call: int, load_s: float) -> dict:
+    from mvz.sidecar import generation_record
+
+    model = session.model
+    return generation_record(
+        prompt=text, seed=seed, grid=str(grid_path), steps=spec.steps, guidance=spec.guidance, zmv=spec.zmv,
+        zmv_steps=spec.zmv_steps, result=result, azimuths=spec.azimuths, elevation=spec.elevation,
+        resolution=spec.height, model_info=model.info, lora=str(req.lora) if req.lora else None,
+        lora_scale=req.lora_scale, backend=session.info(), device=model.device, dtype=model.dtype, load_s=load_s,
+        prompts_in_call=prompts_in_call,
+    )
+
+
+def _write_grid(req: GenerateRequest, entry: dict, views, spec: sp.SampleSpec) -> None:
+    """The per-view PNGs and sidecar (with --save-views), then the grid: last, so a grid marks a complete set."""
+    from mvz.atomic import save_image, write_json
+    from mvz.pipeline import images_to_grid
+
+    grid_path = Path(entry["grid"])
+    text_chunks = png_text(entry)
+    if req.save_views:
+        view_paths = []
+        for v, az in enumerate(spec.azimuths):
+            vp = grid_path.with_name(f"{grid_path.stem}_view{v}_az{az:g}.png")
+            save_image(vp, images_to_grid(views[v : v + 1]), text=text_chunks)
+            view_paths.append(str(vp))
+        entry["view_files"] = view_paths
+        write_json(grid_path.with_suffix(".json"), entry)
+    save_image(grid_path, images_to_grid(views), text=text_chunks)
+
+
+def _set_outcome(paths: list[Path], todo: list[int], summary: list[dict], grid_path: Path) -> None:
+    from mvz.cli import interrupts
+
+    if len(paths) > 1:
+        interrupts.set_outcome(f"{len(paths) - len(todo) + len(summary)} of {len(paths)} grids in "
+                               f"{grid_path.parent}; resume with the same command plus --skip-existing")
+    else:
+        interrupts.set_outcome(f"{grid_path} written")
+
+
+def _report(req: GenerateRequest, summary: list[dict], spec: sp.SampleSpec) -> None:
+    from mvz.cli import output
 
     if req.json_out:
         print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2))
-    else:
-        out = output.console(stderr=False)
-        for entry in summary:
-            t = entry["timings"]
-            out.print(
-                f"[green]wrote[/green] {entry['grid']}  ({len(cameras.azimuths)} views, {req.steps} steps, "
-                f"{entry['nfe']} UNet calls, denoise {t['denoise_s']:.2f}s, decode {t.get('decode_s', 0):.2f}s)",
-                highlight=False,
-            )
-    return outputs
+        return
+    out = output.console(stderr=False)
+    for entry in summary:
+        t = entry["timings"]
+        out.print(
+            f"[green]wrote[/green] {entry['grid']}  ({spec.views} views, {spec.steps} steps, "
+            f"{entry['nfe']} UNet calls, denoise {t['denoise_s']:.2f}s, decode {t.get('decode_s', 0):.2f}s)",
+            highlight=False,
+        )
