@@ -105,12 +105,6 @@ def _tensorrt_unavailable() -> str | None:
     return unavailable_reason()
 
 
-def _tensorrt_rebuild(model, engines_dir, why: str, say: Callable[[str], None]):
-    from engines.session import rebuild_tensorrt_engines  # the one engines module that may call the exporter
-
-    return rebuild_tensorrt_engines(model, engines_dir, why, say)
-
-
 def _tensorrt_build(export_dir):
     from engines.tensorrt_build import build_engines
 
@@ -138,4 +132,6 @@ register(BackendEntry("torch-cudagraph", _torch_create("torch-cudagraph"), _cuda
 register(BackendEntry("onnxruntime", _onnxruntime_create, _onnxruntime_unavailable, needs_export=True,
                       lora="fusion", options=("providers",)))
 register(BackendEntry("tensorrt", _tensorrt_create, _tensorrt_unavailable, needs_export=True, lora="refit",
-                      options=("cuda_graph", "release_torch"), rebuild=_tensorrt_rebuild, build=_tensorrt_build))
+                      options=("cuda_graph", "release_torch"), build=_tensorrt_build))
+# TensorRT's ``rebuild`` is filled in by engines.session (the one engines module that may call the exporter),
+# so this registry never imports the session that imports it.

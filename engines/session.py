@@ -187,3 +187,15 @@ def rebuild_tensorrt_engines(model, engines_dir: Path, why: str, say: Say | None
     build_engines(res.folder, workspace_bytes=em.workspace_bytes or (8 << 30), opt_level=em.builder_optimization_level,
                   refittable=em.engines["unet"].refittable, timing_cache=export_dir / ENGINES_SUBDIR / "timing.cache")
     return res.folder
+
+
+def _register_rebuilds() -> None:
+    """The session supplies the rebuild recipe of the backends that refit (the registry cannot import us)."""
+    from dataclasses import replace
+
+    entry = registry.get("tensorrt")
+    if entry.rebuild is None:
+        registry.register(replace(entry, rebuild=rebuild_tensorrt_engines))
+
+
+_register_rebuilds()
