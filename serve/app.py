@@ -58,14 +58,16 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def create_app(service) -> FastAPI:
+def create_app(service, *, ui: bool = False, root_path: str = "") -> FastAPI:
+    """The API; ``ui`` mounts the web page at ``/`` (needs the ``ui`` extra), ``root_path`` is the path
+    prefix a reverse proxy serves it under (the proxy strips it; links and the page's assets keep it)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
         yield
         await service.stop()
 
-    app = FastAPI(title="mvz serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="mvz serve", version="1", lifespan=lifespan, root_path=root_path,
                   description="Text-to-multiview generation with dynamic batching over any mvz backend.")
     m = service.metrics
 
@@ -101,6 +103,10 @@ def create_app(service) -> FastAPI:
             m.observe_stage("total", time.perf_counter() - t0)
         return response
 
+    if ui:
+        from serve.ui import mount_ui
+
+        app = mount_ui(app, service, root_path)  # last, so /v1, /docs, /healthz and /metrics match first
     return app
 
 

@@ -97,7 +97,8 @@ class ModelRunner:
         set_lora_scale(self.model.unet, scale)
         self._lora_scale = scale
 
-    def run(self, key: BatchKey, works: list[Work]) -> list[Output]:
+    def run(self, key: BatchKey, works: list[Work], on_step=None) -> list[Output]:
+        """``on_step(done, total)`` is called after every denoising step (progress bars)."""
         from mvz.models.cameras import CameraSet
 
         if len(works) > self.max_batch:
@@ -107,6 +108,7 @@ class ModelRunner:
         result = self.pipe.sample(
             [w.prompt for w in works], [w.seed for w in works], steps=key.steps, guidance=key.guidance,
             cameras=cameras, height=key.resolution, width=key.resolution, zmv=key.zmv, zmv_steps=key.zmv_steps,
+            on_step=on_step,
         )
         return [Output(result.images[i], self.metadata(key, w, result, len(works))) for i, w in enumerate(works)]
 

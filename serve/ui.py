@@ -1,0 +1,146 @@
+"""The web page of ``mvz serve``: Gradio Blocks mounted at ``/`` of the API's FastAPI app (extra ``ui``).
+
+Layout only: the form's values become the API's request body and go through the service's own bounded
+queue and batching (:mod:`serve.ui_request`), so two browsers generating at once share UNet calls, a full
+queue says "busy, retry in N s", and an error is the API's one-line message. The controls take their
+defaults and bounds from :class:`serve.schema.GenerateBody` and, once the model is loaded, the server's
+:class:`serve.runner.Limits` (views, resolution, LoRA weight).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from serve.schema import GenerateBody
+from serve.service import NotReadyError
+from serve.ui_request import (
+    AZIMUTH_PRESETS,
+    CUSTOM,
+    EVENLY_SPACED,
+    Progress,
+    ResultStore,
+    UiError,
+    body_from_form,
+    example_prompts,
+    footer,
+    run_request,
+)
+
+TITLE = "mvz: text to multiview"
+CSS = "#status p { margin: 0; } footer { display: none !important; }"
+
+
+def _default(name: str):
+    return GenerateBody.model_fields[name].default
+
+
+def _bound(name: str, kind: str):
+    """The ``ge``/``le`` bound of a request field (the schema is the one place for them)."""
+    return next(getattr(m, kind) for m in GenerateBody.model_fields[name].metadata if hasattr(m, kind))
+
+
+def _report(progress: gr.Progress, p: Progress) -> None:
+    if p.step is not None:
+        progress(p.step, desc=f"step {p.step[0]}/{p.step[1]}", unit="steps")
+    elif p.position is not None:
+        progress(0.0, desc=f"queued: position {p.position}")
+
+
+def build_ui(service) -> gr.Blocks:
+    store = ResultStore(Path(tempfile.mkdtemp(prefix="mvz-ui-")))
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}\nSix consistent views of an object from a prompt, in a few steps. "
+                    "The same queue and batching as `POST /v1/generate` ([API docs](docs)).")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="prompt", lines=2, max_length=_bound("prompt", "max_length"),
+                                    placeholder="a red wooden chair", elem_id="prompt")
+                gr.Examples([[p] for p in example_prompts()], inputs=[prompt], label="examples (one click)")
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=_default("seed"), precision=0, elem_id="seed")
+                    random_seed = gr.Checkbox(label="random seed (shows the seed used)", elem_id="random-seed")
+                with gr.Row():
+                    steps = gr.Number(label=f"steps ({_bound('steps', 'ge')}-{_bound('steps', 'le')})",
+                                      value=_default("steps"), precision=0, elem_id="steps")
+                    guidance = gr.Number(label="guidance", value=_default("guidance"), elem_id="guidance")
+                    resolution = gr.Number(label="resolution (px)", precision=0, elem_id="resolution")
+                preset = gr.Radio([*AZIMUTH_PRESETS, EVENLY_SPACED, CUSTOM], value=next(iter(AZIMUTH_PRESETS)),
+                                  label="cameras", elem_id="preset")
+                with gr.Row():
+                    views = gr.Slider(1, 16, value=6, step=1, label="views (N evenly spaced)", elem_id="views")
+                    custom = gr.Textbox(label="custom azimuths (degrees)", placeholder="0, 90, 180, 270",
+                                        elem_id="azimuths")
+                with gr.Row():
+                    zmv = gr.Checkbox(label="ZMV-Sampling", value=_default("zmv"), elem_id="zmv")
+                    lora = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA weight", visible=False, elem_id="lora")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=4):
+                gallery = gr.Gallery(label="views (azimuth order)", columns=6, height=300, format="png",
+                                     buttons=["download"], interactive=False, elem_id="views-out")
+                grid = gr.Image(label="grid", type="filepath", format="png", buttons=["download"],
+                                interactive=False, elem_id="grid")
+                archive = gr.File(label="everything (grid, views, JSON sidecar) as a zip", elem_id="zip")
+        foot = gr.Markdown(elem_id="mvz-footer")
+
+        def on_load():
+            try:
+                lim = service.limits
+            except NotReadyError:
+                return {status: f"the model is {service.state}; reload the page in a few seconds.",
+                        foot: footer(service)}
+            res = lim.fixed_resolution or lim.default_resolution
+            has_lora = lim.lora_scale is not None
+            return {
+                views: gr.update(maximum=lim.max_views, value=lim.fixed_views or min(6, lim.max_views),
+                                 interactive=lim.fixed_views is None),
+                resolution: gr.update(value=res, interactive=lim.fixed_resolution is None,
+                                      label=f"resolution (px; a multiple of {lim.resolution_multiple}, "
+                                            f"at most {lim.max_resolution})"),
+                lora: gr.update(visible=has_lora, value=lim.lora_scale if has_lora else 1.0,
+                                interactive=lim.lora_scale_settable,
+                                label="LoRA weight" + ("" if lim.lora_scale_settable else " (baked into the engines)")),
+                status: "", foot: footer(service),
+            }
+
+        async def on_generate(prompt_v, seed_v, random_v, steps_v, guidance_v, preset_v, views_v, custom_v,
+                              resolution_v, zmv_v, lora_v, progress=gr.Progress()):
+            t0 = time.perf_counter()
+            cleared = {gallery: None, grid: None, archive: None}
+            try:
+                has_lora = service.ready and service.limits.lora_scale is not None
+                body = body_from_form(prompt_v, seed_v, random_v, steps_v, guidance_v, preset_v, views_v,
+                                      custom_v, resolution_v, zmv_v, lora_v if has_lora else None)
+                out = await run_request(service, body, lambda p: _report(progress, p))
+                files = store.write(out, _azimuths(body))
+            except UiError as err:
+                return {**cleared, status: f"error: {err}", foot: footer(service)}
+            batch = out.metadata.get("timings", {}).get("prompts_in_call", 1)
+            return {gallery: files.views, grid: files.grid, archive: files.archive, seed: body.seed,
+                    status: f"seed {body.seed} · {len(files.views)} views · batch of {batch} · "
+                            f"{time.perf_counter() - t0:.2f} s", foot: footer(service)}
+
+        inputs = [prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution, zmv, lora]
+        outputs = [gallery, grid, archive, seed, status, foot]
+        # concurrency_limit=None: every click reaches the service's queue at once, which batches and bounds them
+        generate.click(on_generate, inputs, outputs, concurrency_limit=None, api_name="generate")
+        demo.load(on_load, None, [views, resolution, lora, status, foot])
+    return demo
+
+
+def _azimuths(body: GenerateBody) -> tuple[float, ...]:
+    from mvz.models.cameras import CameraSet
+
+    return tuple(body.azimuths) if body.azimuths is not None else CameraSet.default(body.views).azimuths
+
+
+def mount_ui(app, service, root_path: str = ""):
+    """Mount the page at ``/`` of ``app`` (mount it last: the API's routes match first)."""
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=None)
+    return gr.mount_gradio_app(app, demo, path="/", root_path=root_path or None, show_error=False,
+                               footer_links=[], css=CSS)
