@@ -58,16 +58,16 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def create_app(service, *, ui: bool = False, root_path: str = "") -> FastAPI:
-    """The API; ``ui`` mounts the web page at ``/`` (needs the ``ui`` extra), ``root_path`` is the path
-    prefix a reverse proxy serves it under (the proxy strips it; links and the page's assets keep it)."""
+def create_app(service, *, ui: bool = False) -> FastAPI:
+    """The API; ``ui`` mounts the web page at ``/`` (needs the ``ui`` extra). A path prefix (``--root-path``)
+    is the ASGI server's ``root_path``: /docs and the page's links and assets follow it."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
         yield
         await service.stop()
 
-    app = FastAPI(title="mvz serve", version="1", lifespan=lifespan, root_path=root_path,
+    app = FastAPI(title="mvz serve", version="1", lifespan=lifespan,
                   description="Text-to-multiview generation with dynamic batching over any mvz backend.")
     m = service.metrics
 
@@ -106,7 +106,7 @@ def create_app(service, *, ui: bool = False, root_path: str = "") -> FastAPI:
     if ui:
         from serve.ui import mount_ui
 
-        app = mount_ui(app, service, root_path)  # last, so /v1, /docs, /healthz and /metrics match first
+        app = mount_ui(app, service)  # last, so /v1, /docs, /healthz and /metrics match first
     return app
 
 

@@ -51,7 +51,7 @@ def build_app(cfg: RunnerConfig, opts: ServeOptions, on_fatal=None):
     cfg.max_batch = opts.max_batch
     service = LocalService(lambda: load_runner(cfg), max_batch=opts.max_batch, window_s=opts.batch_window_ms / 1000,
                            max_queue=opts.max_queue, timeout_s=opts.timeout_s, warmup=opts.warmup, on_fatal=on_fatal)
-    return create_app(service, ui=opts.ui, root_path=opts.root_path), service
+    return create_app(service, ui=opts.ui), service
 
 
 def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
@@ -70,6 +70,7 @@ def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
 
     app, _ = build_app(cfg, opts, on_fatal)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
+                            root_path=opts.root_path,
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it drained on; these handlers make that re-raise a no-op -> exit 0

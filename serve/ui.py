@@ -138,9 +138,9 @@ def _azimuths(body: GenerateBody) -> tuple[float, ...]:
     return tuple(body.azimuths) if body.azimuths is not None else CameraSet.default(body.views).azimuths
 
 
-def mount_ui(app, service, root_path: str = ""):
+def mount_ui(app, service):
     """Mount the page at ``/`` of ``app`` (mount it last: the API's routes match first)."""
     demo = build_ui(service)
     demo.queue(default_concurrency_limit=None)
-    return gr.mount_gradio_app(app, demo, path="/", root_path=root_path or None, show_error=False,
+    return gr.mount_gradio_app(app, demo, path="/", show_error=False,
                                footer_links=[], css=CSS)
