@@ -173,3 +173,25 @@ def test_page_requests_report_each_step_of_their_batch():
 
     steps = [p.step for p in asyncio.run(main()) if p.step]
     assert steps[0] == (1, 2)
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--root-path", "mvz"], "--root-path"),
+                                            (["--root-path", "/mvz/"], "--root-path")])
+def test_bad_ui_options_exit_2_with_one_line(args, says, capsys):
+    from mvz.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", "tiny", "--port", "0", *args])
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and says in lines[0]
+
+
+def test_ui_without_gradio_is_refused(monkeypatch):
+    from mvz.errors import InputError
+    from serve import server
+
+    monkeypatch.setattr(server, "ui_available", lambda: False)
+    with pytest.raises(InputError, match="needs Gradio"):
+        server.check_options(server.ServeOptions(ui=True))
+    server.check_options(server.ServeOptions(ui=False))

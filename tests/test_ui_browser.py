@@ -115,11 +115,10 @@ def test_page_generates_four_views_equal_to_mvz_generate(server, browser, tmp_pa
     page.locator("#generate").click()
     assert status_after(page, "seed 7").startswith("seed 7 · 4 views")
 
-    views = page.locator("#views-out img")
-    assert views.count() == 4
-    sizes = [page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", views.nth(i).element_handle())
-             for i in range(4)]
-    assert sizes == [[64, 64]] * 4  # the tiny model's default resolution
+    loaded = "[...document.querySelectorAll('#views-out img')].every(i => i.complete && i.naturalWidth > 0)"
+    page.wait_for_function(loaded, timeout=WAIT_MS)
+    sizes = page.evaluate("[...document.querySelectorAll('#views-out img')].map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[64, 64]] * 4  # four views at the tiny model's default resolution
 
     with page.expect_download() as dl:
         page.locator("#grid a[download]").click()
