@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -57,85 +58,96 @@ def build_ui(service) -> gr.Blocks:
                     "The same queue and batching as `POST /v1/generate` ([API docs](docs)).")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="prompt", lines=2, max_length=_bound("prompt", "max_length"),
-                                    placeholder="a red wooden chair", elem_id="prompt")
-                gr.Examples([[p] for p in example_prompts()], inputs=[prompt], label="examples (one click)")
-                with gr.Row():
-                    seed = gr.Number(label="seed", value=_default("seed"), precision=0, elem_id="seed")
-                    random_seed = gr.Checkbox(label="random seed (shows the seed used)", elem_id="random-seed")
-                with gr.Row():
-                    steps = gr.Number(label=f"steps ({_bound('steps', 'ge')}-{_bound('steps', 'le')})",
-                                      value=_default("steps"), precision=0, elem_id="steps")
-                    guidance = gr.Number(label="guidance", value=_default("guidance"), elem_id="guidance")
-                    resolution = gr.Number(label="resolution (px)", precision=0, elem_id="resolution")
-                preset = gr.Radio([*AZIMUTH_PRESETS, EVENLY_SPACED, CUSTOM], value=next(iter(AZIMUTH_PRESETS)),
-                                  label="cameras", elem_id="preset")
-                with gr.Row():
-                    views = gr.Slider(1, 16, value=6, step=1, label="views (N evenly spaced)", elem_id="views")
-                    custom = gr.Textbox(label="custom azimuths (degrees)", placeholder="0, 90, 180, 270",
-                                        elem_id="azimuths")
-                with gr.Row():
-                    zmv = gr.Checkbox(label="ZMV-Sampling", value=_default("zmv"), elem_id="zmv")
-                    lora = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA weight", visible=False, elem_id="lora")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                status = gr.Markdown(elem_id="status")
+                c = _form()
             with gr.Column(scale=4):
-                gallery = gr.Gallery(label="views (azimuth order)", columns=6, height=300, format="png",
-                                     buttons=["download"], interactive=False, elem_id="views-out")
-                grid = gr.Image(label="grid", type="filepath", format="png", buttons=["download"],
-                                interactive=False, elem_id="grid")
-                archive = gr.File(label="everything (grid, views, JSON sidecar) as a zip", elem_id="zip")
-        foot = gr.Markdown(elem_id="mvz-footer")
-
-        def on_load():
-            try:
-                lim = service.limits
-            except NotReadyError:
-                return {status: f"the model is {service.state}; reload the page in a few seconds.",
-                        foot: footer(service)}
-            res = lim.fixed_resolution or lim.default_resolution
-            has_lora = lim.lora_scale is not None
-            return {
-                views: gr.update(maximum=lim.max_views, value=lim.fixed_views or min(6, lim.max_views),
-                                 interactive=lim.fixed_views is None),
-                resolution: gr.update(value=res, interactive=lim.fixed_resolution is None,
-                                      label=f"resolution (px; a multiple of {lim.resolution_multiple}, "
-                                            f"at most {lim.max_resolution})"),
-                lora: gr.update(visible=has_lora, value=lim.lora_scale if has_lora else 1.0,
-                                interactive=lim.lora_scale_settable,
-                                label="LoRA weight" + ("" if lim.lora_scale_settable else " (baked into the engines)")),
-                status: "", foot: footer(service),
-            }
-
-        async def on_generate(prompt_v, seed_v, random_v, steps_v, guidance_v, preset_v, views_v, custom_v,
-                              resolution_v, zmv_v, lora_v, progress=gr.Progress()):
-            t0 = time.perf_counter()
-            cleared = {gallery: None, grid: None, archive: None}
-            try:
-                has_lora = service.ready and service.limits.lora_scale is not None
-                body = body_from_form(prompt_v, seed_v, random_v, steps_v, guidance_v, preset_v, views_v,
-                                      custom_v, resolution_v, zmv_v, lora_v if has_lora else None)
-                out = await run_request(service, body, lambda p: _report(progress, p))
-                files = store.write(out, _azimuths(body))
-            except UiError as err:
-                return {**cleared, status: f"error: {err}", foot: footer(service)}
-            batch = out.metadata.get("timings", {}).get("prompts_in_call", 1)
-            return {gallery: files.views, grid: files.grid, archive: files.archive, seed: body.seed,
-                    status: f"seed {body.seed} · {len(files.views)} views · batch of {batch} · "
-                            f"{time.perf_counter() - t0:.2f} s", foot: footer(service)}
-
-        inputs = [prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution, zmv, lora]
-        outputs = [gallery, grid, archive, seed, status, foot]
+                c.gallery = gr.Gallery(label="views (azimuth order)", columns=6, height=300, format="png",
+                                       buttons=["download"], interactive=False, elem_id="views-out")
+                c.grid = gr.Image(label="grid", type="filepath", format="png", buttons=["download"],
+                                  interactive=False, elem_id="grid")
+                c.archive = gr.File(label="everything (grid, views, JSON sidecar) as a zip", elem_id="zip")
+        c.footer = gr.Markdown(elem_id="mvz-footer")
+        inputs = [c.prompt, c.seed, c.random_seed, c.steps, c.guidance, c.preset, c.views, c.custom,
+                  c.resolution, c.zmv, c.lora]
+        outputs = [c.gallery, c.grid, c.archive, c.seed, c.status, c.footer]
         # concurrency_limit=None: every click reaches the service's queue at once, which batches and bounds them
-        generate.click(on_generate, inputs, outputs, concurrency_limit=None, api_name="generate")
-        demo.load(on_load, None, [views, resolution, lora, status, foot])
+        c.generate.click(_generate_handler(service, store, c), inputs, outputs, concurrency_limit=None,
+                         api_name="generate")
+        demo.load(_load_handler(service, c), None, [c.views, c.resolution, c.lora, c.status, c.footer])
     return demo
 
 
-def _azimuths(body: GenerateBody) -> tuple[float, ...]:
-    from mvz.models.cameras import CameraSet
+def _form() -> SimpleNamespace:
+    """The controls (defaults and bounds from the request schema; the server's limits come on load)."""
+    c = SimpleNamespace()
+    c.prompt = gr.Textbox(label="prompt", lines=2, max_length=_bound("prompt", "max_length"),
+                          placeholder="a red wooden chair", elem_id="prompt")
+    gr.Examples([[p] for p in example_prompts()], inputs=[c.prompt], label="examples (one click)")
+    with gr.Row():
+        c.seed = gr.Number(label="seed", value=_default("seed"), precision=0, elem_id="seed")
+        c.random_seed = gr.Checkbox(label="random seed (shows the seed used)", elem_id="random-seed")
+    with gr.Row():
+        c.steps = gr.Number(label=f"steps ({_bound('steps', 'ge')}-{_bound('steps', 'le')})",
+                            value=_default("steps"), precision=0, elem_id="steps")
+        c.guidance = gr.Number(label="guidance", value=_default("guidance"), elem_id="guidance")
+        c.resolution = gr.Number(label="resolution (px)", precision=0, elem_id="resolution")
+    c.preset = gr.Radio([*AZIMUTH_PRESETS, EVENLY_SPACED, CUSTOM], value=next(iter(AZIMUTH_PRESETS)),
+                        label="cameras", elem_id="preset")
+    with gr.Row():
+        c.views = gr.Slider(1, 16, value=6, step=1, label="views (N evenly spaced)", elem_id="views")
+        c.custom = gr.Textbox(label="custom azimuths (degrees)", placeholder="0, 90, 180, 270", elem_id="azimuths")
+    with gr.Row():
+        c.zmv = gr.Checkbox(label="ZMV-Sampling", value=_default("zmv"), elem_id="zmv")
+        c.lora = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA weight", visible=False, elem_id="lora")
+    c.generate = gr.Button("Generate", variant="primary", elem_id="generate")
+    c.status = gr.Markdown(elem_id="status")
+    return c
 
-    return tuple(body.azimuths) if body.azimuths is not None else CameraSet.default(body.views).azimuths
+
+def _load_handler(service, c: SimpleNamespace):
+    """On page load: the controls follow the server's limits; the footer says what runs."""
+
+    def on_load():
+        try:
+            lim = service.limits
+        except NotReadyError:
+            return {c.status: f"the model is {service.state}; reload the page in a few seconds.",
+                    c.footer: footer(service)}
+        has_lora = lim.lora_scale is not None
+        return {
+            c.views: gr.update(maximum=lim.max_views, value=lim.fixed_views or min(6, lim.max_views),
+                               interactive=lim.fixed_views is None),
+            c.resolution: gr.update(value=lim.fixed_resolution or lim.default_resolution,
+                                    interactive=lim.fixed_resolution is None,
+                                    label=f"resolution (px; a multiple of {lim.resolution_multiple}, "
+                                          f"at most {lim.max_resolution})"),
+            c.lora: gr.update(visible=has_lora, value=lim.lora_scale if has_lora else 1.0,
+                              interactive=lim.lora_scale_settable,
+                              label="LoRA weight" + ("" if lim.lora_scale_settable else " (baked into the engines)")),
+            c.status: "", c.footer: footer(service),
+        }
+
+    return on_load
+
+
+def _generate_handler(service, store: ResultStore, c: SimpleNamespace):
+    async def on_generate(prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution, zmv,
+                          lora, progress=gr.Progress()):
+        t0 = time.perf_counter()
+        try:
+            has_lora = service.ready and service.limits.lora_scale is not None
+            body = body_from_form(prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution,
+                                  zmv, lora if has_lora else None)
+            out, key = await run_request(service, body, lambda p: _report(progress, p))
+            files = store.write(out, key.azimuths)
+        except UiError as err:
+            return {c.gallery: None, c.grid: None, c.archive: None, c.status: f"error: {err}",
+                    c.footer: footer(service)}
+        batch = out.metadata.get("timings", {}).get("prompts_in_call", 1)
+        return {c.gallery: files.views, c.grid: files.grid, c.archive: files.archive, c.seed: body.seed,
+                c.status: f"seed {body.seed} · {len(files.views)} views · batch of {batch} · "
+                          f"{time.perf_counter() - t0:.2f} s", c.footer: footer(service)}
+
+    return on_generate
 
 
 def mount_ui(app, service):

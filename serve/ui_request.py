@@ -86,7 +86,8 @@ class Progress:
 
 
 async def run_request(service, body: GenerateBody, report: Callable[[Progress], None]):
-    """Queue ``body`` like ``POST /v1/generate`` and wait for its :class:`serve.runner.Output`."""
+    """Queue ``body`` like ``POST /v1/generate``; wait for its :class:`serve.runner.Output` (and return it
+    with its batch key: the azimuths the views are in)."""
     try:
         key, work = resolve(body, service.limits)
         job = service.enqueue(key, work)
@@ -113,7 +114,7 @@ async def run_request(service, body: GenerateBody, report: Callable[[Progress], 
             status = "500"
             raise UiError(str(err)) from None
         status = "200"
-        return out
+        return out, key
     finally:
         if not job.future.done():  # timed out, or the page went away: free the slot like the API does
             service.abandon(job)

@@ -105,7 +105,8 @@ def test_page_requests_wait_in_the_same_bounded_queue_and_report_progress():
     busy, retry, seen, outs = asyncio.run(main())
     assert str(busy) == f"busy, retry in {retry} s"
     assert seen[0].position == 1 and seen[0].step is None
-    assert [o.metadata["seed"] for o in outs] == [7, 7]
+    assert [o.metadata["seed"] for o, _ in outs] == [7, 7]
+    assert [key.azimuths for _, key in outs] == [(0.0, 90.0, 180.0, 270.0)] * 2
     assert runner.batches and all(len(b) == 1 for b in runner.batches)
 
 
