@@ -53,6 +53,7 @@ def _report(progress: gr.Progress, p: Progress) -> None:
 
 def build_ui(service) -> gr.Blocks:
     store = ResultStore(Path(tempfile.mkdtemp(prefix="mvz-ui-")))
+    tabs = OpenTabs(service)
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}\nSix consistent views of an object from a prompt, in a few steps. "
                     "The same queue and batching as `POST /v1/generate` ([API docs](docs)).")
@@ -70,9 +71,10 @@ def build_ui(service) -> gr.Blocks:
                   c.resolution, c.zmv, c.lora]
         outputs = [c.gallery, c.grid, c.archive, c.seed, c.status, c.footer]
         # concurrency_limit=None: every click reaches the service's queue at once, which batches and bounds them
-        c.generate.click(_generate_handler(service, store, c), inputs, outputs, concurrency_limit=None,
+        c.generate.click(_generate_handler(service, store, tabs, c), inputs, outputs, concurrency_limit=None,
                          api_name="generate")
         demo.load(_load_handler(service, c), None, [c.views, c.resolution, c.lora, c.status, c.footer])
+        demo.unload(tabs.close)
     return demo
 
 
@@ -129,15 +131,34 @@ def _load_handler(service, c: SimpleNamespace):
     return on_load
 
 
-def _generate_handler(service, store: ResultStore, c: SimpleNamespace):
+class OpenTabs:
+    """The queued jobs of each browser tab (Gradio session), so that closing the tab frees their queue slots."""
+
+    def __init__(self, service):
+        self.service = service
+        self._jobs: dict[str, set] = {}
+
+    def track(self, session: str, job) -> None:
+        self._jobs.setdefault(session, set()).add(job)
+        job.future.add_done_callback(lambda _: self._jobs.get(session, set()).discard(job))
+
+    def close(self, request: gr.Request) -> None:
+        """Gradio's unload event (the tab closed or reloaded): abandon its jobs still waiting or running."""
+        for job in list(self._jobs.pop(request.session_hash, ())):
+            if not job.future.done():
+                self.service.abandon(job)
+
+
+def _generate_handler(service, store: ResultStore, tabs: OpenTabs, c: SimpleNamespace):
     async def on_generate(prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution, zmv,
-                          lora, progress=gr.Progress()):
+                          lora, request: gr.Request, progress=gr.Progress()):
         t0 = time.perf_counter()
         try:
             has_lora = service.ready and service.limits.lora_scale is not None
             body = body_from_form(prompt, seed, random_seed, steps, guidance, preset, views, custom, resolution,
                                   zmv, lora if has_lora else None)
-            out, key = await run_request(service, body, lambda p: _report(progress, p))
+            out, key = await run_request(service, body, lambda p: _report(progress, p),
+                                         lambda job: tabs.track(request.session_hash, job))
             files = store.write(out, key.azimuths)
         except UiError as err:
             return {c.gallery: None, c.grid: None, c.archive: None, c.status: f"error: {err}",

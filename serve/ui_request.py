@@ -85,7 +85,8 @@ class Progress:
     step: tuple[int, int] | None
 
 
-async def run_request(service, body: GenerateBody, report: Callable[[Progress], None]):
+async def run_request(service, body: GenerateBody, report: Callable[[Progress], None],
+                      on_queued: Callable[[object], None] | None = None):
     """Queue ``body`` like ``POST /v1/generate``; wait for its :class:`serve.runner.Output` (and return it
     with its batch key: the azimuths the views are in)."""
     try:
@@ -97,6 +98,8 @@ async def run_request(service, body: GenerateBody, report: Callable[[Progress], 
         raise UiError(f"the model is {service.state}; retry in a few seconds.") from None
     except QueueFullError:
         raise UiError(f"busy, retry in {service.retry_after_s()} s") from None
+    if on_queued:
+        on_queued(job)  # the page can abandon it when its tab closes
     m = service.metrics
     m.in_flight.inc()
     deadline = time.monotonic() + service.timeout_s
@@ -108,6 +111,8 @@ async def run_request(service, body: GenerateBody, report: Callable[[Progress], 
                 raise UiError(f"timed out after {service.timeout_s:g}s.")
             report(Progress(service.queue.position(job), job.step))
             await asyncio.wait({job.future}, timeout=POLL_S)
+        if job.future.cancelled():
+            raise UiError("cancelled: the page was closed.")
         try:
             out = job.future.result()
         except BatchFailedError as err:

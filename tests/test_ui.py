@@ -198,3 +198,37 @@ def test_ui_without_gradio_is_refused(monkeypatch):
     with pytest.raises(InputError, match="needs Gradio"):
         server.check_options(server.ServeOptions(ui=True))
     server.check_options(server.ServeOptions(ui=False))
+
+
+def test_closing_a_tab_frees_its_queue_slot():
+    pytest.importorskip("gradio", reason="needs gradio (the ui extra)")
+    from types import SimpleNamespace
+
+    from serve.ui import OpenTabs
+
+    gate = threading.Event()
+    runner = FakeRunner(max_batch=1, gate=gate)
+
+    async def main():
+        service = await _started(_service(runner))
+        tabs = OpenTabs(service)
+        body = body_from_form(**FORM)
+        first_seen: list = []
+        first = asyncio.ensure_future(run_request(service, body, first_seen.append))  # holds the worker
+        while not first_seen or first_seen[-1].position is not None:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(run_request(service, body, lambda p: None,
+                                                   lambda job: tabs.track("tab-1", job)))
+        while len(service.queue) == 0:
+            await asyncio.sleep(0.01)
+        tabs.close(SimpleNamespace(session_hash="tab-1"))  # what Gradio's unload event passes
+        depth = len(service.queue)
+        with pytest.raises(UiError, match="cancelled"):
+            await asyncio.wait_for(second, 10)
+        gate.set()
+        await first
+        await service.stop()
+        return depth
+
+    assert asyncio.run(main()) == 0
+    assert len(runner.batches) == 1  # the closed tab's request never ran
