@@ -58,7 +58,9 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def create_app(service) -> FastAPI:
+def create_app(service, *, ui: bool = False) -> FastAPI:
+    """The API; ``ui`` mounts the web page at ``/`` (needs the ``ui`` extra). A path prefix (``--root-path``)
+    is the ASGI server's ``root_path``: /docs and the page's links and assets follow it."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
@@ -101,6 +103,10 @@ def create_app(service) -> FastAPI:
             m.observe_stage("total", time.perf_counter() - t0)
         return response
 
+    if ui:
+        from serve.ui import mount_ui
+
+        app = mount_ui(app, service)  # last, so /v1, /docs, /healthz and /metrics match first
     return app
 
 

@@ -27,6 +27,7 @@ class Job:
     payload: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    step: tuple[int, int] | None = None  # (done, total) of its running batch, set by the worker per step
 
     @property
     def abandoned(self) -> bool:
@@ -92,6 +93,11 @@ class BatchQueue:
                 break
             await self._wait_change(left)
         return pick_batch(self._waiting, self.max_batch)
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next live job to run, 2 behind it...; None once ``job`` left the queue."""
+        live = [j for j in self._waiting if not j.abandoned]
+        return live.index(job) + 1 if job in live else None
 
     def drain_abandoned(self) -> None:
         self._waiting[:] = [j for j in self._waiting if not j.abandoned]

@@ -25,12 +25,14 @@ class FakeRunner:
     def warmup(self) -> float:
         return 0.0
 
-    def run(self, key: BatchKey, works: list[Work]) -> list[Output]:
+    def run(self, key: BatchKey, works: list[Work], on_step=None) -> list[Output]:
         if self.gate is not None:
             self.gate.wait(timeout=60)
         if self.fail_on and any(self.fail_on in w.prompt for w in works):
             raise RuntimeError("injected failure")
         self.batches.append(list(works))
+        for i in range(1, key.steps + 1) if on_step else ():
+            on_step(i, key.steps)
         v, r = len(key.azimuths), key.height
         outs = []
         for w in works:

@@ -73,10 +73,11 @@ class ModelRunner:
     def backend_info(self) -> dict[str, Any]:
         return self.session.info()
 
-    def run(self, key: BatchKey, works: list[Work]) -> list[Output]:
+    def run(self, key: BatchKey, works: list[Work], on_step=None) -> list[Output]:
+        """``on_step(done, total)`` is called after every denoising step (progress bars)."""
         if len(works) > self.max_batch:
             raise ValueError(f"batch of {len(works)} exceeds max_batch {self.max_batch}")
-        result = self.session.sample([w.prompt for w in works], [w.seed for w in works], key)
+        result = self.session.sample([w.prompt for w in works], [w.seed for w in works], key, on_step=on_step)
         return [Output(result.images[i], self.metadata(key, w, result, len(works))) for i, w in enumerate(works)]
 
     def metadata(self, key: BatchKey, work: Work, result, batch: int) -> dict[str, Any]:

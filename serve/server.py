@@ -19,6 +19,8 @@ class ServeOptions:
     timeout_s: float = 300.0
     warmup: bool = True
     log_level: str = "info"
+    ui: bool = False  # the web page at / (serve.ui; the `ui` extra)
+    root_path: str = ""  # the prefix a reverse proxy serves this under, e.g. /mvz
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -27,9 +29,19 @@ def check_options(opts: ServeOptions) -> None:
     checks = [("--max-batch", opts.max_batch >= 1), ("--max-queue", opts.max_queue >= 1),
               ("--batch-window-ms", opts.batch_window_ms >= 0), ("--timeout-s", opts.timeout_s > 0),
               ("--port", 0 <= opts.port <= 65535)]
+    if opts.root_path and (not opts.root_path.startswith("/") or opts.root_path.endswith("/")):
+        raise InputError(f"--root-path {opts.root_path!r} is not a path prefix.", "Use e.g. --root-path /mvz (no trailing /).")
+    if opts.ui and not ui_available():
+        raise InputError("--ui needs Gradio, which is not installed.", 'pip install -e ".[ui]", or pass --no-ui.')
     for flag, ok in checks:
         if not ok:
             raise InputError(f"{flag} is out of range.", "Use a positive value (port 0-65535, window >= 0).")
+
+
+def ui_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gradio") is not None
 
 
 def build_app(cfg: RunnerConfig, opts: ServeOptions, on_fatal=None):
@@ -39,7 +51,7 @@ def build_app(cfg: RunnerConfig, opts: ServeOptions, on_fatal=None):
     cfg.max_batch = opts.max_batch
     service = LocalService(lambda: load_runner(cfg), max_batch=opts.max_batch, window_s=opts.batch_window_ms / 1000,
                            max_queue=opts.max_queue, timeout_s=opts.timeout_s, warmup=opts.warmup, on_fatal=on_fatal)
-    return create_app(service), service
+    return create_app(service, ui=opts.ui), service
 
 
 def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
@@ -58,6 +70,7 @@ def run_server(cfg: RunnerConfig, opts: ServeOptions) -> int:
 
     app, _ = build_app(cfg, opts, on_fatal)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
+                            root_path=opts.root_path,
                             timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it drained on; these handlers make that re-raise a no-op -> exit 0

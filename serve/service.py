@@ -9,6 +9,7 @@ after uvicorn has drained the in-flight requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -32,6 +33,11 @@ class BatchFailedError(Exception):
     """The batch this request ran in raised; the server keeps serving."""
 
 
+def _set_step(batch: list[Job], done: int, total: int) -> None:
+    for job in batch:  # a tuple assignment from the worker thread; readers only poll it
+        job.step = (done, total)
+
+
 class LocalService:
     def __init__(self, load: Callable[[], ModelRunner], *, max_batch: int, window_s: float, max_queue: int,
                  timeout_s: float, warmup: bool = True, on_fatal: Callable[[BaseException], None] | None = None):
@@ -50,6 +56,7 @@ class LocalService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mvz-model")
         self._task: asyncio.Task | None = None
         self.last_batch_s = 1.0
+        self.last_timings: dict | None = None  # the last batch's measured stage timings (the web page's footer)
 
     @property
     def ready(self) -> bool:
@@ -107,7 +114,8 @@ class LocalService:
         self.metrics.batch_size.observe(len(batch))
         key = batch[0].key
         try:
-            outs = await loop.run_in_executor(self._executor, self.runner.run, key, [j.payload for j in batch])
+            outs = await loop.run_in_executor(self._executor, self.runner.run, key, [j.payload for j in batch],
+                                              functools.partial(_set_step, batch))
         except Exception as exc:  # noqa: BLE001 - one failed batch fails only its own requests
             log.exception("batch of %d failed", len(batch))
             self.metrics.batches_failed.inc()
@@ -116,6 +124,7 @@ class LocalService:
                     job.future.set_exception(BatchFailedError(f"generation failed: {exc}"))
             return
         self.last_batch_s = time.perf_counter() - started
+        self.last_timings = {**outs[0].metadata.get("timings", {}), "batch_s": self.last_batch_s}
         for stage, name in STAGE_TIMINGS.items():
             if name in outs[0].metadata.get("timings", {}):
                 self.metrics.observe_stage(stage, outs[0].metadata["timings"][name])

@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(64, help="Waiting requests beyond which the server answers 429."),
         timeout_s: float = typer.Option(300.0, help="Per-request timeout (504 after it)."),
         warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run one batch before /healthz says ready."),
+        ui: bool = typer.Option(None, "--ui/--no-ui", help="The web page at / (default: on when the `ui` extra is installed)."),
+        root_path: str = typer.Option("", help="Path prefix a reverse proxy serves this under (e.g. /mvz)."),
         ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (one replica per GPU)."),
         replicas: int = typer.Option(None, help="--ray: replicas (default: one per visible GPU, else 1)."),
     ) -> None:
@@ -32,12 +34,13 @@ def register(app: typer.Typer) -> None:
         import sys
 
         from serve.runner import RunnerConfig
-        from serve.server import ServeOptions, run_server
+        from serve.server import ServeOptions, run_server, ui_available
 
         cfg = RunnerConfig(model=model, lora=lora, lora_scale=lora_scale, backend=backend, engines=engines,
                            device=device, dtype=dtype, max_batch=max_batch, random_weights=random_weights)
         opts = ServeOptions(host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                            max_queue=max_queue, timeout_s=timeout_s, warmup=warmup)
+                            max_queue=max_queue, timeout_s=timeout_s, warmup=warmup,
+                            ui=ui_available() and not ray if ui is None else ui, root_path=root_path)
         if ray:
             from serve.ray_app import run_ray
 
