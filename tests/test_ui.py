@@ -70,7 +70,7 @@ def test_limits_of_the_server_give_the_apis_message():
         await service.stop()
         return str(err.value)
 
-    assert asyncio.run(main()) == _api_422({"views": 9}) == "views: at most 8 views, got 9."
+    assert asyncio.run(main()) == _api_422({"views": 9}) == "views: views must be at most 8, got 9."
 
 
 def test_random_seed_is_drawn_and_reported_in_the_body():
@@ -115,7 +115,7 @@ def test_results_are_written_in_azimuth_order_with_a_zip(tmp_path):
     from serve.runner import BatchKey, Work
 
     azimuths = (180.0, 0.0, 90.0)
-    out = runner.run(BatchKey(2, azimuths, 0.0, 16, False, 1, 7.0, None), [Work("a chair", 3)])[0]
+    out = runner.run(BatchKey(steps=2, guidance=7.0, azimuths=azimuths, height=16, width=16), [Work("a chair", 3)])[0]
     files = ResultStore(tmp_path).write(out, azimuths)
     assert [c for _, c in files.views] == ["azimuth 0°", "azimuth 90°", "azimuth 180°"]
     names = zipfile.ZipFile(files.archive).namelist()
