@@ -33,19 +33,26 @@ PNG_RESPONSES = {
 }
 
 
-def _png(images) -> bytes:
-    from mvz.pipeline import images_to_grid
+def _png(images, metadata: dict) -> bytes:
+    """PNG bytes carrying the same text chunks as ``mvz generate``'s files (A1111 ``parameters`` + ``mvz`` JSON)."""
+    from PIL.PngImagePlugin import PngInfo
 
+    from mvz.pipeline import images_to_grid
+    from mvz.png_metadata import png_text
+
+    info = PngInfo()
+    for key, value in png_text(metadata).items():
+        info.add_itxt(key, value)
     buf = io.BytesIO()
-    images_to_grid(images).save(buf, format="PNG")
+    images_to_grid(images).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
 def encode_output(out, fmt: str) -> tuple[bytes | dict, str]:
     """A result as the response body: the grid PNG, or per-view PNGs (base64) + the sidecar metadata."""
     if fmt == "png":
-        return _png(out.images), "image/png"
-    views = [base64.b64encode(_png(out.images[v:v + 1])).decode("ascii") for v in range(out.images.shape[0])]
+        return _png(out.images, out.metadata), "image/png"
+    views = [base64.b64encode(_png(out.images[v:v + 1], out.metadata)).decode("ascii") for v in range(out.images.shape[0])]
     return {"images": views, "metadata": out.metadata}, "application/json"
 
 

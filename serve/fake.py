@@ -37,7 +37,9 @@ class FakeRunner:
         outs = []
         for w in works:
             g = torch.Generator().manual_seed(w.seed)
-            meta = {"prompt": w.prompt, "seed": w.seed, "steps": key.steps,
+            meta = {"prompt": w.prompt, "seed": w.seed, "steps": key.steps, "guidance": key.guidance,
+                    "zmv": key.zmv, "views": [{"azimuth": a, "elevation": key.elevation} for a in key.azimuths],
+                    "resolution": r, "model": "fake", "lora": None,
                     "timings": {"denoise_s": 0.0, "prompts_in_call": len(works)}}
             outs.append(Output(torch.rand(v, 3, r, r, generator=g), meta))
         return outs

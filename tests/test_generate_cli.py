@@ -23,11 +23,15 @@ def test_generate_tiny_end_to_end(tmp_path, tiny_model, capsys):
     assert err.count("the text encoders see the first 77") == 1, err  # noted once, as mvz score does
     grid = Image.open(out)
     assert grid.size == (6 * 64, 64)
-    # text metadata as diffusers / A1111 users expect (views carry it too)
-    assert {k: grid.text[k] for k in ("prompt", "seed", "steps", "model")} == {
-        "prompt": prompt, "seed": "42", "steps": "4", "model": "tiny"}
+    # metadata as A1111 and ComfyUI read it (nothing under ComfyUI's JSON keys); views carry it too
+    meta = json.loads(grid.text["mvz"])
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["model"]) == (prompt, 42, 4, "tiny")
+    assert "prompt" not in grid.text and "workflow" not in grid.text
     assert grid.text["parameters"].startswith(prompt + "\nSteps: 4, Sampler: LCM") and "Seed: 42" in grid.text["parameters"]
-    assert Image.open(tmp_path / "out_view0_az0.png").text["prompt"] == prompt
+    assert json.loads(Image.open(tmp_path / "out_view0_az0.png").text["mvz"])["prompt"] == prompt
+    # the cameras for 3D tools, as conditioned
+    cams = json.loads((tmp_path / "out_cameras.json").read_text())
+    assert [f["file_path"] for f in cams["frames"]][:2] == ["out_view0_az0.png", "out_view1_az45.png"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
     views = sorted(tmp_path.glob("out_view*_az*.png"))
     assert len(views) == 6

@@ -169,3 +169,25 @@ def test_load_test_reports_throughput_latency_and_batches():
     assert report["latency_s"]["p50"] <= report["latency_s"]["p99"]
     assert "req/s" in format_report(report)
     assert set(report["server_stage_mean_s"]) >= {"queue", "total", "encode"}
+
+
+def test_served_pngs_carry_generate_s_metadata():
+    """The grid PNG and every base64 view carry the A1111 ``parameters`` line and the ``mvz`` JSON chunk
+    (nothing under ComfyUI's ``prompt``/``workflow`` keys), as ``mvz generate``'s files do."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from mvz.png_metadata import parse_parameters
+
+    with fake_server(FakeRunner(max_batch=4)) as (url, _):
+        grid = httpx.post(url + "/v1/generate", json=BODY, timeout=10)
+        views = httpx.post(url + "/v1/generate", json={**BODY, "format": "json"}, timeout=10).json()["images"]
+    for raw in [grid.content, *(base64.b64decode(v) for v in views)]:
+        text = Image.open(io.BytesIO(raw)).text
+        assert "prompt" not in text and "workflow" not in text
+        meta = json.loads(text["mvz"])
+        assert (meta["prompt"], meta["seed"]) == (BODY["prompt"], BODY.get("seed", meta["seed"]))
+        assert parse_parameters(text["parameters"])["Seed"] == str(meta["seed"])

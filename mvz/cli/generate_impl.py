@@ -128,20 +128,6 @@ def _todo(req: GenerateRequest, paths: list[Path]) -> list[int]:
     return list(range(len(paths)))
 
 
-def png_text(entry: dict) -> dict[str, str]:
-    """PNG text chunks: prompt, seed, steps, model (and the A1111-style ``parameters`` line other tools read)."""
-    import mvz
-
-    res = entry["resolution"]
-    params = (f"{entry['prompt']}\nSteps: {entry['steps']}, Sampler: LCM, CFG scale: {entry['guidance']}, "
-              f"Seed: {entry['seed']}, Size: {res}x{res}, Model: {entry['model']}")
-    if entry.get("lora"):
-        params += f", LoRA: {Path(entry['lora']).name}:{entry['lora_scale']}"
-    return {"prompt": entry["prompt"], "seed": str(entry["seed"]), "steps": str(entry["steps"]),
-            "guidance": str(entry["guidance"]), "model": entry["model"], "zmv": str(entry["zmv"]).lower(),
-            "parameters": params, "Software": f"mvz {mvz.__version__}"}
-
-
 def _note_truncated(model, prompts: list[str]) -> None:
     """Say (once per prompt) when the text encoders will see only the first 77 tokens, as ``mvz score`` does."""
     from mvz.cli.output import note
@@ -255,17 +241,22 @@ def _record(req: GenerateRequest, session, spec: sp.SampleSpec, text: str, seed:
 def _write_grid(req: GenerateRequest, entry: dict, views, spec: sp.SampleSpec) -> None:
     """The per-view PNGs and sidecar (with --save-views), then the grid: last, so a grid marks a complete set."""
     from mvz.atomic import save_image, write_json
+    from mvz.models.camera_file import cameras_record
+    from mvz.models.cameras import CameraSet
     from mvz.pipeline import images_to_grid
+    from mvz.png_metadata import png_text
 
     grid_path = Path(entry["grid"])
-    text_chunks = png_text(entry)
+    view_paths = [grid_path.with_name(f"{grid_path.stem}_view{v}_az{az:g}.png") for v, az in enumerate(spec.azimuths)]
+    cameras = cameras_record(CameraSet(spec.azimuths, spec.elevation), [p.name for p in view_paths],
+                             spec.width, spec.height)
+    text_chunks = png_text(entry, cameras if req.save_views else None)  # frames name files that exist
     if req.save_views:
-        view_paths = []
-        for v, az in enumerate(spec.azimuths):
-            vp = grid_path.with_name(f"{grid_path.stem}_view{v}_az{az:g}.png")
+        for v, vp in enumerate(view_paths):
             save_image(vp, images_to_grid(views[v : v + 1]), text=text_chunks)
-            view_paths.append(str(vp))
-        entry["view_files"] = view_paths
+        entry["view_files"] = [str(vp) for vp in view_paths]
+        entry["cameras"] = str(grid_path.with_name(f"{grid_path.stem}_cameras.json"))
+        write_json(entry["cameras"], cameras)
         write_json(grid_path.with_suffix(".json"), entry)
     save_image(grid_path, images_to_grid(views), text=text_chunks)
 
