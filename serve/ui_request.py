@@ -161,9 +161,11 @@ class ResultStore:
         images_to_grid(out.images).save(grid)
         sidecar = folder / f"{stem}.json"
         sidecar.write_text(json.dumps(meta, indent=2, default=str))
+        cameras = folder / f"{stem}_cameras.json"
+        cameras.write_text(json.dumps(_cameras(out, azimuths, meta, stem), indent=2))
         archive = folder / f"{stem}.zip"
         with zipfile.ZipFile(archive, "w") as zf:
-            for path in [grid, sidecar, *(Path(p) for p, _ in views)]:  # no cameras.json exists in mvz yet
+            for path in [grid, sidecar, cameras, *(Path(p) for p, _ in views)]:
                 zf.write(path, path.name)
         return ResultFiles(views, str(grid), str(sidecar), str(archive))
 
@@ -187,3 +189,14 @@ def footer(service) -> str:
                   if isinstance(t.get(name), (int, float))]
         parts.append("last request: " + ", ".join(stages) + f" (batch of {t.get('prompts_in_call', 1)})")
     return " · ".join(parts)
+
+
+def _cameras(out, azimuths, meta: dict, stem: str) -> dict:
+    """``cameras.json`` for the views as written (file names by view index, as mvz generate names them)."""
+    from mvz.models.camera_file import cameras_record
+    from mvz.models.cameras import CameraSet
+
+    views = meta.get("views") or [{}]
+    height, width = out.images.shape[-2:]
+    names = [f"{stem}_view{v}_az{az:g}.png" for v, az in enumerate(azimuths)]
+    return cameras_record(CameraSet(tuple(azimuths), float(views[0].get("elevation", 0.0))), names, width, height)

@@ -119,9 +119,13 @@ def test_results_are_written_in_azimuth_order_with_a_zip(tmp_path):
     files = ResultStore(tmp_path).write(out, azimuths)
     assert [c for _, c in files.views] == ["azimuth 0°", "azimuth 90°", "azimuth 180°"]
     names = zipfile.ZipFile(files.archive).namelist()
-    assert sorted(names) == sorted(["mvz_seed3.png", "mvz_seed3.json", "mvz_seed3_view0_az180.png",
-                                    "mvz_seed3_view1_az0.png", "mvz_seed3_view2_az90.png"])
+    assert sorted(names) == sorted(["mvz_seed3.png", "mvz_seed3.json", "mvz_seed3_cameras.json",
+                                    "mvz_seed3_view0_az180.png", "mvz_seed3_view1_az0.png", "mvz_seed3_view2_az90.png"])
     assert json.loads(zipfile.ZipFile(files.archive).read("mvz_seed3.json"))["seed"] == 3
+    cams = json.loads(zipfile.ZipFile(files.archive).read("mvz_seed3_cameras.json"))
+    assert [(f["file_path"], f["azimuth_deg"]) for f in cams["frames"]] == [
+        ("mvz_seed3_view0_az180.png", 180.0), ("mvz_seed3_view1_az0.png", 0.0), ("mvz_seed3_view2_az90.png", 90.0)]
+    assert (cams["w"], cams["h"]) == (16, 16)
 
 
 def test_examples_are_the_smoke_prompts():
