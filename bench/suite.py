@@ -487,9 +487,9 @@ def stage_quality(run: BenchRun) -> dict:
         return {"quality": {"status": "skipped", "reason": f"no reward checkpoint available ({why})"}}
     restore_unet(run.model.unet)  # torch-compile / torch-cudagraph fuse QKV in place; LoRA layers need the plain ones
     if cfg.lora:
-        from mvz.models.lora import load_lora
+        from mvz.models.lora_formats import load_lora_any
 
-        load_lora(run.model.unet, cfg.lora, scale=cfg.lora_scale)
+        load_lora_any(run.model.unet, cfg.lora, scale=cfg.lora_scale)
     vl = variants(bool(cfg.lora), cfg.lora_scale, cfg.zmv)
     qp = run.prompts[: max(cfg.quality_prompts, 1)]
     qs = [cfg.seed + i for i in range(len(qp))]

@@ -289,9 +289,9 @@ def load_model(
     mv.vae.to(device=dev, dtype=vae_dtype or default_vae_dtype(mv.vae.config, dt))
     mv.eval()
     if lora:
-        from mvz.models.lora import load_lora
+        from mvz.models.lora_formats import load_lora_any  # mvz/upstream PEFT, diffusers or kohya layout
 
-        load_lora(mv.unet, lora, scale=lora_scale)
+        load_lora_any(mv.unet, lora, scale=lora_scale)
         mv.unet.to(device=dev)
         mv.unet.requires_grad_(False)
         info.lora, info.lora_scale = str(lora), lora_scale

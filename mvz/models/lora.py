@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
-from mvz.state_dicts import check_state
 
 LORA_FILENAME = "mvczigal_lcm_sdxl_lora.safetensors"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_k_mv", "to_q_mv", "to_v_mv", "to_out_mv.0")
@@ -114,25 +113,10 @@ def _read_alpha(path: Path, meta: dict[str, str]) -> float | None:
 
 def load_lora(unet, path: str | Path, scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> int:
     """Add a LoRA from an upstream-layout file to the UNet, strictly. Returns the rank."""
-    from peft.utils import set_peft_model_state_dict
+    from mvz.models.lora_formats import place_lora  # imported here: lora_formats imports this module
 
     sd, rank, alpha = read_lora_file(path)
-    if has_lora(unet) and adapter_name in unet.peft_config:
-        unet.delete_adapters(adapter_name)
-    add_lora(unet, rank=rank, alpha=alpha, init=True, adapter_name=adapter_name)
-    expected = lora_state_dict(unet, adapter_name)
-    try:
-        check_state(sd, expected, f"LoRA {path} (for this model)",
-                    "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).")
-    except CheckpointError:
-        unet.delete_adapters(adapter_name)
-        raise
-    ref = next(iter(expected.values()))
-    result = set_peft_model_state_dict(unet, {k: v.to(ref.dtype) for k, v in sd.items()}, adapter_name=adapter_name)
-    leftovers = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
-    if leftovers:
-        raise CheckpointError(f"LoRA {path}: PEFT did not place {summarize_keys(leftovers)}.")
-    set_lora_scale(unet, scale, adapter_name)
+    place_lora(unet, sd, lora_config(rank, alpha, init=True), adapter_name, scale, f"LoRA {path}")
     return rank
 
 
