@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from mvz.errors import InputError
+from mvz.errors import InputError, require_finite
 from mvz.models.attention import MVSettings
 from mvz.models.cameras import CameraSet
 from mvz.models.multiview import MultiviewModel
@@ -329,10 +329,14 @@ class MultiviewPipeline:
 
         images = None
         if decode:
+            if not record:  # rollouts leave NaN to the trainer's flag, which stops every rank at the same step
+                require_finite(denoised, "denoised latents")
             t2 = time.perf_counter()
             with torch.no_grad():
                 images = self.decoder(denoised).float().cpu()
             sync()
+            if not record:
+                require_finite(images, "decoded images (VAE)", "Run the VAE in fp32 (--dtype fp32) or use the fp16-fix VAE.")
             timings["decode_s"] = time.perf_counter() - t2
             images = images.reshape(len(prompts), v, *images.shape[1:])
 

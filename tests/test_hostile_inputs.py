@@ -214,3 +214,31 @@ def test_require_finite_names_the_stage():
         require_finite(torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]]), "denoised latents")
     with pytest.raises(NonFiniteError, match="decoded images"):
         require_finite(torch.tensor([float("inf")]), "decoded images")
+
+
+@pytest.fixture
+def nan_backend():
+    """A backend (registered in one place) whose denoiser returns NaN: what a diverged LoRA does to fp16."""
+    from engines import registry
+
+    def create(model, *, num_views, device, **_):
+        backend = registry.get("torch").create(model, num_views=num_views, device=device)
+        backend.denoiser = lambda *args, **kw: torch.full_like(args[0], float("nan"))
+        backend.name = "nan-fake"
+        return backend
+
+    registry.register(registry.BackendEntry("nan-fake", create))
+    yield "nan-fake"
+    registry.unregister("nan-fake")
+
+
+def test_generate_never_writes_an_image_from_nan_latents(nan_backend, tmp_path, capsys):
+    from mvz.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "a red chair", "--model", "tiny", "--steps", "2", "--views", "2", "--device", "cpu",
+              "--dtype", "fp32", "--backend", nan_backend, "--out", str(tmp_path / "g.png"), "--save-views"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the denoised latents went non-finite") and "no image was written" in err[-1]
+    assert not list(tmp_path.iterdir())
