@@ -312,17 +312,32 @@ def preset_dict(name: str) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file as a dict in mvz's layout; upstream MVC-ZigAL's own files are mapped key by key
+    (:mod:`mvz.train.upstream`, one note per ignored key)."""
+    from mvz.train.upstream import is_upstream, map_upstream
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.", "Pass an existing YAML file to --config.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8 YAML) file.", "Pass a YAML config.") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} is binary, not YAML.", "Pass a YAML config.")
+    data = _read_yaml(text, str(path))
+    return map_upstream(data, notes) if is_upstream(data) else data
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
-                overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- ``--set`` overrides, type-checked."""
+                overrides: list[str] | None = None, notes: list[str] | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file (mvz's or upstream's) <- ``--set`` overrides, type-checked."""
     data = defaults_dict()
     if preset:
         data = deep_merge(data, preset_dict(preset))
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist.", "Pass an existing YAML file to --config.")
-        data = deep_merge(data, _read_yaml(path.read_text(encoding="utf-8"), str(path)))
+        data = deep_merge(data, read_config_file(config_file, notes))
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
 

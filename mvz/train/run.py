@@ -107,6 +107,7 @@ class RunDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "preset": cfg.preset,
             "config_fingerprint": cfg.fingerprint(ignore=RESUMABLE_CHANGES),
+            "config": flatten(cfg.to_dict()),  # as trained: a hand edit of config.yaml is caught on resume
             "world_size": world_size,
         }
 
@@ -130,16 +131,23 @@ class RunDir:
     def check_resume(self, cfg: TrainConfig) -> None:
         """``cfg`` may differ from the run's config only in :data:`RESUMABLE_CHANGES`."""
         saved = flatten(self.saved_config().to_dict())
-        new = flatten(cfg.to_dict())
-        for key in sorted(set(saved) | set(new)):
-            if key in RESUMABLE_CHANGES or key.startswith("logging."):
-                continue
-            if saved.get(key) != new.get(key):
+        trained = self.read_marker().get("config")
+        if isinstance(trained, dict):
+            key = _first_fixed_change(trained, saved)
+            if key is not None:
                 raise ConfigError(
-                    f"cannot resume {self.path}: it was trained with {key}={saved.get(key)!r}, not {new.get(key)!r}.",
-                    f"Resume with the run's own config (drop --preset/--config), or start a new run; only "
-                    f"{', '.join(RESUMABLE_CHANGES)} and logging.* may change on resume.",
-                )
+                    f"cannot resume {self.path}: {self.config_file} was edited ({key} is {saved.get(key)!r} there; "
+                    f"the run was trained with {trained.get(key)!r}).",
+                    f"Put it back, or start a new run; only {', '.join(RESUMABLE_CHANGES)} and logging.* may change "
+                    "on resume (pass them with --set).")
+        new = flatten(cfg.to_dict())
+        key = _first_fixed_change(saved, new)
+        if key is not None:
+            raise ConfigError(
+                f"cannot resume {self.path}: it was trained with {key}={saved.get(key)!r}, not {new.get(key)!r}.",
+                f"Resume with the run's own config (drop --preset/--config), or start a new run; only "
+                f"{', '.join(RESUMABLE_CHANGES)} and logging.* may change on resume.",
+            )
 
     def update_config(self, cfg: TrainConfig) -> None:
         write_text(self.config_file, cfg.to_yaml())
@@ -189,3 +197,13 @@ class RunDir:
         """Drop records of epochs after ``last_epoch`` (the interrupted epoch that resume redoes)."""
         keep = [r for r in self.read_metrics() if int(r.get("epoch", -1)) <= last_epoch]
         write_text(self.metrics_file, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+
+def _first_fixed_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key outside :data:`RESUMABLE_CHANGES` and ``logging.*`` whose value differs, or None."""
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or key.startswith("logging."):
+            continue
+        if old.get(key) != new.get(key):
+            return key
+    return None

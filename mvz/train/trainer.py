@@ -318,7 +318,7 @@ class Trainer:
         gathered = self.gather_rewards(roll, epoch, it)
         lam_before = self.update_constraint(gathered, epoch)
         target = self.targets(gathered, roll.num_prompts)
-        base_kl = self.kl_to_base(roll, it)
+        base_kl = self.kl_to_base(roll)
         t_sample = time.perf_counter() - t0
         #################### TRAINING ####################
         t1 = time.perf_counter()
@@ -386,15 +386,15 @@ class Trainer:
         return delta_target(adv, cfg.objective, lam, t.ws_weight)[rows]
 
     @torch.no_grad()
-    def kl_to_base(self, roll: Rollout, it: int) -> float:
+    def kl_to_base(self, roll: Rollout) -> float:
         """Approximate KL of the sampling policy to the base model (LoRA off): ½·mean((logπ_old − logπ_base)²)
-        over the first trajectory's views at one timestep (``it`` mod steps); gathered. NaN when off."""
+        over the first trajectory's views at the middle timestep (one no-grad UNet call); gathered. NaN when off."""
         from mvz.models.lora import set_lora_scale
         from mvz.pipeline import recompute_log_probs
 
         if not self.cfg.logging.kl_to_base:
             return float("nan")
-        traj, j = roll.trajectories[0], it % len(self.schedule)
+        traj, j = roll.trajectories[0], len(self.schedule) // 2
         set_lora_scale(self.model.unet, 0.0)  # W + 0·BA = W, exactly the base weights
         try:
             with self.accelerator.autocast():
