@@ -145,3 +145,18 @@ def test_resume_after_a_kill_with_two_processes(runs, tmp_path):
     assert recs[0]["iterations"][0]["loss"] == full[0]["iterations"][1]["loss"]
     for r in recs[1:]:
         assert not WRITES & set(r["writes"])
+
+
+def test_checkpoint_holds_every_rank_rng_and_the_report_reads_the_run(runs, tmp_path):
+    from mvz.train.report import write_report
+
+    run_dir, _ = runs[2]
+    assert {p.name for p in (run_dir / "epoch_1").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl",
+                                                                 "optimizer.bin", "custom_checkpoint_0.pkl"}
+    assert not list(run_dir.glob(".epoch_*"))  # no staging folder left behind
+    page = write_report(run_dir, tmp_path / "report").read_text()
+    assert "2 process(es)" in page and "finished" in page
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["series"]["lambda"] == [m["lambda"] for m in metrics]
+    assert summary["series"]["reward/zmv/joint"] == [m["reward/zmv/joint_mean"] for m in metrics]

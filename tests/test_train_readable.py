@@ -191,3 +191,19 @@ def test_report_of_a_non_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "not an mvz training run" in err[0]
 
+
+
+def test_the_documented_reward_example_passes_the_probe(tmp_path):
+    import re
+    from pathlib import Path
+
+    from mvz.rewards.custom import load_custom_reward
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    code = re.search(r"```python\n(# my_rewards.py.*?)```", doc, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 16
+    (tmp_path / "my_rewards.py").write_text(code)
+    reward = load_custom_reward(f"{tmp_path / 'my_rewards.py'}:sharpness", views=6, size=32)
+    assert reward.kind == "per_view"
+    out = reward.score(__import__("torch").rand(3, 6, 3, 32, 32), ["a"] * 3)
+    assert out.per_view.shape == (3, 6) and (out.per_view > 0).all()
