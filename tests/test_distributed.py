@@ -62,12 +62,20 @@ def single_process_over_global_batch(tmp_path: Path, model, n: int):
     from mvz.train.rollout import concat_rollouts
     from mvz.train.trainer import Trainer, iteration_rng
 
-    cfg = load_config("tiny", overrides=[*OVERRIDES, "training.num_epochs=1",
+    cfg = load_config("tiny", overrides=[*OVERRIDES, "training.num_epochs=1", f"training.sample_batch_size_per_gpu={n}",
                                          f"training.gradient_accumulation_steps={2 * n}"])
     tr = Trainer(cfg, tmp_path / f"single{n}", device="cpu", model=copy.deepcopy(model), echo=lambda m: None).setup()
     real = tr.rollout
-    seed = cfg.training.seed
-    tr.rollout = lambda rng: concat_rollouts([real(iteration_rng(seed, r, 0, 0)) for r in range(n)])
+    t = cfg.training
+
+    def union_of_ranks(rng):  # each rank's one prompt, drawn from that rank's rng
+        t.sample_batch_size_per_gpu = 1
+        try:
+            return concat_rollouts([real(iteration_rng(t.seed, r, 0, 0)) for r in range(n)])
+        finally:
+            t.sample_batch_size_per_gpu = n
+
+    tr.rollout = union_of_ranks
     seen = {}
     real_train_on = tr.train_on
 

@@ -404,7 +404,7 @@ class Trainer:
         finally:
             set_lora_scale(self.model.unet, self.cfg.training.lora_scale)
         local = 0.5 * ((traj.log_probs[:, j].to(base.device).float() - base.float()) ** 2).mean()
-        return self._gather(local.reshape(1)).mean().item()
+        return self.accelerator.gather(local.reshape(1)).float().mean().item()
 
     def reward_metrics(self, gathered: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Means, spreads and 95 % bands (2.5/97.5 percentiles) of every gathered reward, per trajectory kind."""
