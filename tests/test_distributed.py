@@ -111,8 +111,14 @@ def test_gathered_rewards_and_targets_equal_one_process_over_the_global_batch(ru
     # one optimiser step over the same batch: DDP's gradient mean is the single process's batch mean
     single, dist = lora(tr.run.path, 0), lora(run_dir, 0)
     assert single.keys() == dist.keys() and any(v.abs().max() > 0 for k, v in dist.items() if "lora_B" in k)
+    # Adam's first step is lr·g/(|g|+eps): where |g| is near eps, the different summation order of DDP's
+    # all-reduce and one process's accumulation moves an element by up to ~lr·1e-2 (seen: 1 of 512 values of one
+    # tensor, 6.5e-5, before and after the move to accelerate's accumulate). Everything else agrees to 1e-5.
+    off = 0
     for k in dist:
-        torch.testing.assert_close(dist[k], single[k], rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(dist[k], single[k], rtol=1e-3, atol=1e-4, msg=k)
+        off += int(((dist[k] - single[k]).abs() > 1e-5 + 1e-3 * single[k].abs()).sum())
+    assert off <= 4, off
 
 
 @pytest.mark.parametrize("n", [2, 4])
