@@ -62,12 +62,20 @@ def single_process_over_global_batch(tmp_path: Path, model, n: int):
     from mvz.train.rollout import concat_rollouts
     from mvz.train.trainer import Trainer, iteration_rng
 
-    cfg = load_config("tiny", overrides=[*OVERRIDES, "training.num_epochs=1",
+    cfg = load_config("tiny", overrides=[*OVERRIDES, "training.num_epochs=1", f"training.sample_batch_size_per_gpu={n}",
                                          f"training.gradient_accumulation_steps={2 * n}"])
     tr = Trainer(cfg, tmp_path / f"single{n}", device="cpu", model=copy.deepcopy(model), echo=lambda m: None).setup()
     real = tr.rollout
-    seed = cfg.training.seed
-    tr.rollout = lambda rng: concat_rollouts([real(iteration_rng(seed, r, 0, 0)) for r in range(n)])
+    t = cfg.training
+
+    def union_of_ranks(rng):  # each rank's one prompt, drawn from that rank's rng
+        t.sample_batch_size_per_gpu = 1
+        try:
+            return concat_rollouts([real(iteration_rng(t.seed, r, 0, 0)) for r in range(n)])
+        finally:
+            t.sample_batch_size_per_gpu = n
+
+    tr.rollout = union_of_ranks
     seen = {}
     real_train_on = tr.train_on
 
@@ -103,8 +111,14 @@ def test_gathered_rewards_and_targets_equal_one_process_over_the_global_batch(ru
     # one optimiser step over the same batch: DDP's gradient mean is the single process's batch mean
     single, dist = lora(tr.run.path, 0), lora(run_dir, 0)
     assert single.keys() == dist.keys() and any(v.abs().max() > 0 for k, v in dist.items() if "lora_B" in k)
+    # Adam's first step is lr·g/(|g|+eps): where |g| is near eps, the different summation order of DDP's
+    # all-reduce and one process's accumulation moves an element by up to ~lr·1e-2 (seen: 1 of 512 values of one
+    # tensor, 6.5e-5, before and after the move to accelerate's accumulate). Everything else agrees to 1e-5.
+    off = 0
     for k in dist:
-        torch.testing.assert_close(dist[k], single[k], rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(dist[k], single[k], rtol=1e-3, atol=1e-4, msg=k)
+        off += int(((dist[k] - single[k]).abs() > 1e-5 + 1e-3 * single[k].abs()).sum())
+    assert off <= 4, off
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -145,3 +159,18 @@ def test_resume_after_a_kill_with_two_processes(runs, tmp_path):
     assert recs[0]["iterations"][0]["loss"] == full[0]["iterations"][1]["loss"]
     for r in recs[1:]:
         assert not WRITES & set(r["writes"])
+
+
+def test_checkpoint_holds_every_rank_rng_and_the_report_reads_the_run(runs, tmp_path):
+    from mvz.train.report import write_report
+
+    run_dir, _ = runs[2]
+    assert {p.name for p in (run_dir / "epoch_1").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl",
+                                                                 "optimizer.bin", "custom_checkpoint_0.pkl"}
+    assert not list(run_dir.glob(".epoch_*"))  # no staging folder left behind
+    page = write_report(run_dir, tmp_path / "report").read_text()
+    assert "2 process(es)" in page and "finished" in page
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["series"]["lambda"] == [m["lambda"] for m in metrics]
+    assert summary["series"]["reward/zmv/joint"] == [m["reward/zmv/joint_mean"] for m in metrics]

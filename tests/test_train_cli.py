@@ -36,7 +36,8 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
     summary = json.loads(out)
     assert summary["checkpoint"].endswith("epoch_0")
     for rel in ("config.yaml", "run.json", "metrics.jsonl", "samples/epoch_0.png",
-                "epoch_0/mvczigal_lcm_sdxl_lora.safetensors", "epoch_0/training_state.pt", "epoch_0/state.json"):
+                "epoch_0/mvczigal_lcm_sdxl_lora.safetensors", "epoch_0/optimizer.bin", "epoch_0/random_states_0.pkl",
+                "epoch_0/custom_checkpoint_0.pkl", "epoch_0/state.json"):
         assert (run / rel).is_file(), rel
     assert any((run / "tensorboard").iterdir())
     from PIL import Image
@@ -57,11 +58,11 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
     # a training state cut by a kill (or a full disk) names the folder to delete to resume from the one before
-    state = run / "epoch_1" / "training_state.pt"
+    state = run / "epoch_1" / "custom_checkpoint_0.pkl"
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])
     code, _, err = run_cli(["--resume", str(run), "--set", "training.num_epochs=3", "--device", "cpu"], capsys)
-    assert_one_line_error(code, err, "epoch_1/training_state.pt is truncated or unreadable",
+    assert_one_line_error(code, err, f"training state in {run / 'epoch_1'} is truncated or unreadable",
                           f"Delete the folder {run / 'epoch_1'} to resume from epoch_0")
     state.write_bytes(good)
 
@@ -70,6 +71,12 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
     assert_one_line_error(code, err, "training.lora_rank")
     code, _, err = run_cli(["--resume", str(run), "--preset", "lcm_sdxl_simple"], capsys)
     assert_one_line_error(code, err, "cannot resume")
+    # a hand edit of a non-resumable key in RUN/config.yaml is caught against run.json's record
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved.replace("lora_rank: 4", "lora_rank: 8"))
+    code, _, err = run_cli(["--resume", str(run), "--set", "training.num_epochs=3", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "config.yaml was edited (training.lora_rank is 8 there", "trained with 4")
+    (run / "config.yaml").write_text(saved)
     # a new run into an existing folder is refused
     code, _, err = run_cli(["--preset", "tiny", "--run-dir", str(run), "--device", "cpu"], capsys)
     assert_one_line_error(code, err, "already exists")
@@ -82,6 +89,12 @@ def test_cli_tiny_preset_end_to_end_and_resume(tmp_path, capsys):
         (["--preset", "tiny", "--set", "training.lr=fast"], "training.lr"),
         (["--preset", "tiny", "--set", "training.num_epochs=two"], "training.num_epochs"),
         (["--preset", "nope"], "unknown training preset"),
+        (["--preset", "tiny", "--set", "training.seed=-5"], "config key training.seed: input should be greater than"),
+        (["--preset", "tiny", "--set", "training.seed=5000000000"], "training.seed: input should be less than"),
+        (["--preset", "tiny", "--set", "training.gradient_accumulation_steps=3"],
+         "training.gradient_accumulation_steps 3 does not divide the 8 micro-steps of an iteration"),
+        (["--preset", "tiny", "--set", "training.lr=nan"], "training.lr: input should be a finite number"),
+        (["--preset", "tiny", "--log-with", "mlflow"], "--log-with 'mlflow' is not known"),
         ([], "no training config"),
     ],
 )
@@ -96,6 +109,27 @@ def test_cli_bad_config_file(tmp_path, capsys):
     cfg.write_text("training:\n  lr: 1e-4\n  bogus: 3\n")
     code, _, err = run_cli(["--config", str(cfg), "--run-dir", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err, "training.bogus")
+
+
+def test_cli_binary_config_file(tmp_path, capsys):
+    cfg = tmp_path / "weights.bin"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_cli(["--config", str(cfg), "--run-dir", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, f"config file {cfg} is")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_early_failure_leaves_no_run_files(tmp_path, capsys, monkeypatch):
+    import mvz.train.trainer as trainer_mod
+
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_load_model", broken)  # after run.json/config.yaml are written
+    with pytest.raises(RuntimeError, match="boom"):
+        run_cli(["--preset", "tiny", "--set", "reward.reward_fn=brightness", "--set", "reward.mv_reward_fn=brightness",
+                 "--run-dir", str(tmp_path / "r"), "--device", "cpu"], capsys)
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_prompt_files(tmp_path, capsys):

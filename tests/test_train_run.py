@@ -9,6 +9,7 @@ import torch
 from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from mvz.train.config import load_config
+from mvz.train.run import PROGRESS_FILE
 from mvz.train.trainer import Trainer, iteration_rng
 
 FAST = ["reward.reward_fn=brightness", "reward.mv_reward_fn=brightness", "reward.preset=null",
@@ -93,8 +94,9 @@ def _lora(run_dir, epoch):
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_model):
-    # optimiser steps that straddle prompts and the iteration end; 2 sampling steps to stay fast
-    over = ["training.gradient_accumulation_steps=3", "training.num_inference_steps=2"]
+    # optimiser steps that straddle prompts (3 prompts x 2 steps, GA 3); 2 sampling steps to stay fast
+    over = ["training.gradient_accumulation_steps=3", "training.num_inference_steps=2",
+            "training.sample_batch_size_per_gpu=3"]
     full = make_trainer(tmp_path, tiny_model, over, name="full")
     full.train()
 
@@ -118,9 +120,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_model):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did train
-    sa = torch.load(tmp_path / "full" / "epoch_1" / "training_state.pt", weights_only=True)
-    sb = torch.load(tmp_path / "cut" / "epoch_1" / "training_state.pt", weights_only=True)
-    assert sa["lagrangian"] == sb["lagrangian"] and sa["global_step"] == sb["global_step"]
+    sa = torch.load(tmp_path / "full" / "epoch_1" / PROGRESS_FILE, weights_only=False)
+    sb = torch.load(tmp_path / "cut" / "epoch_1" / PROGRESS_FILE, weights_only=False)
+    assert sa["lagrangian"] == sb["lagrangian"] and sa["global_step"] == sb["global_step"] == 4
     ma, mb = full.run.read_metrics(), resumed.run.read_metrics()
     assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
     assert (tmp_path / "cut" / "samples" / "epoch_1.png").is_file()

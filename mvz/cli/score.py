@@ -97,7 +97,8 @@ def register(app: typer.Typer) -> None:
         source: Path = typer.Argument(..., help="A grid PNG (V views side by side, 1xV) or a folder of view images."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt the views were generated from."),
         reward: list[str] = typer.Option(["pickscore,hyperscore"], "--rewards",
-                                         help="Rewards: pickscore, hpsv2, imagereward, hyperscore (comma-separated or repeated)."),
+                                         help="Rewards: pickscore, hpsv2, imagereward, hyperscore, or your own MODULE:CALLABLE / FILE.py:CALLABLE "
+                                              "(comma-separated or repeated; see docs/training.md)."),
         views: int = typer.Option(None, "--views", help="Views in the grid (default 6; a folder gives its own count)."),
         preset: str = typer.Option(None, "--reward-preset",
                                    help="'tiny': random tiny reward weights in the original formats (no download)."),
@@ -122,7 +123,8 @@ def register(app: typer.Typer) -> None:
         if views is not None and views < 1:
             raise InputError(f"--views must be at least 1, got {views}.")
         ckpts = _parse_checkpoints(checkpoint)
-        names = split_names(reward)
+        names = [n for n in split_names(reward) if ":" not in n]
+        names += [n.strip() for item in reward for n in item.split(",") if ":" in n]  # custom specs keep their case
         if not names:
             raise InputError("--rewards is empty.", "Name at least one: pickscore, hpsv2, imagereward, hyperscore.")
         if not source.exists():
@@ -141,7 +143,14 @@ def register(app: typer.Typer) -> None:
             kwargs = {}
             if name == "hyperscore":
                 kwargs = {"views": hyperscore_views, "white_background": white_background}
-            r = load_reward(name, ckpts.get(name), preset=preset, device=None if device == "auto" else device, **kwargs)
+            if ":" in name:  # the user's callable, checked on a probe of these views' count and size
+                from mvz.rewards.custom import load_custom_reward
+
+                r = load_custom_reward(name, views=images.shape[1], size=images.shape[-1],
+                                       device=None if device == "auto" else device)
+            else:
+                r = load_reward(name, ckpts.get(name), preset=preset, device=None if device == "auto" else device,
+                                **kwargs)
             out = r.score(images, [prompt])
             notices += [m for m in getattr(r, "notices", []) if m not in notices]
             entry = {"kind": r.kind, "per_set": float(out.per_set[0]),

@@ -33,8 +33,13 @@ def load_reward(name: str, checkpoint: str | os.PathLike | None = None, *, prese
     ``preset="tiny"``: random tiny weights in the original format under ``$MVZ_HOME/rewards/tiny/<name>``
     (written on first use). ``device`` (default: cuda if available), ``dtype`` (default fp32) and any
     reward-specific keyword (``max_batch``, ``memory_budget_mb``, HyperScore ``views``/``white_background``)
-    are passed through. Custom rewards registered with ``register_reward`` get ``**kwargs`` only.
+    are passed through. Custom rewards registered with ``register_reward`` get ``**kwargs`` only; a
+    ``module:callable`` / ``file.py:callable`` name loads the user's callable (:mod:`mvz.rewards.custom`).
     """
+    from mvz.rewards.custom import is_custom_spec, load_custom_reward
+
+    if is_custom_spec(name):  # module:callable or file.py:callable, checked on a probe batch now
+        return load_custom_reward(name.strip(), device=device)
     name = name.strip().lower()
     factory = _factory(name)
     if name not in BUILTIN:

@@ -1,21 +1,19 @@
-"""Typed training configs: dataclasses, YAML files, dotted overrides (``--set training.lr=5e-5``).
+"""Typed training configs (pydantic models), YAML files, dotted overrides (``--set training.lr=5e-5``).
 
-Unknown keys and wrong types are :class:`~mvz.errors.ConfigError`\\ s (one line, exit 2 in the CLI).
-Key names follow the upstream MVC-ZigAL Hydra configs (``mvczigal.md`` §9) where they exist there.
+Unknown keys and wrong types are :class:`~mvz.errors.ConfigError`\\ s naming the key (one line, exit 2 in the
+CLI). Key names follow the upstream MVC-ZigAL Hydra configs (``mvczigal.md`` §9) where they exist there; an
+upstream config file itself is read by :mod:`mvz.train.upstream`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
-import types
-import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mvz.errors import ConfigError
 
@@ -29,11 +27,15 @@ METHOD_TABLE: dict[str, tuple[str, str, str]] = {
     "mv_rdl": ("standard", "regression", "joint"),  # two standard rollouts per prompt
     "mv_pg": ("single", "pg", "joint"),  # policy gradient, PPO-style clipped ratio
 }
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-@dataclass
-class ModelConfig:
+
+class _Section(BaseModel):
+    # extra keys are errors; nan/inf would pass every range check and poison the run
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+class ModelConfig(_Section):
     name: str = "sdxl-lcm"  # a model preset (tiny, sdxl-lcm) or an assembled model folder
     random_weights: bool = False
     base_model: str | None = None
@@ -42,14 +44,12 @@ class ModelConfig:
     adapter: str | None = None
 
 
-@dataclass
-class PromptConfig:
+class PromptConfig(_Section):
     prompt_set: str = "simple_animals"  # a shipped set (simple_animals) or a prompt file path
 
 
-@dataclass
-class RewardConfig:
-    reward_fn: str = "pickscore"  # per-view reward R (registry name)
+class RewardConfig(_Section):
+    reward_fn: str = "pickscore"  # per-view reward R: a registry name, or module:callable / file.py:callable
     mv_reward_fn: str = "hyperscore"  # joint (6-view set) reward R_mv: its per_set output (HyperScore overall)
     preset: str | None = None  # "tiny": random tiny reward weights (tests, CI)
     reward_checkpoint: str | None = None
@@ -57,88 +57,75 @@ class RewardConfig:
     dtype: str = "fp32"  # upstream scores in fp32
 
 
-@dataclass
-class TrainingConfig:
-    method: str = "mvczigal"
-    objective: str | None = None  # null: the method's default (see METHOD_TABLE)
+class TrainingConfig(_Section):
+    method: Literal["mvczigal", "mv_zigal", "ws_zigal", "mv_rdl", "mv_pg"] = "mvczigal"
+    objective: Literal["constrained", "weighted", "joint", "per_view"] | None = None  # null: the method's default
     # generation
-    resolution: int = 768
-    num_views: int = 6
-    num_inference_steps: int = 8
+    resolution: int = Field(768, ge=1)
+    num_views: int = Field(6, ge=1)
+    num_inference_steps: int = Field(8, ge=1, le=50)
     guidance_scale: float = 7.0
     inv_guidance_scale: float = 1.0  # ZMV zag guidance (w = 0)
-    zmv_steps: int = 1  # ZMV lambda_step
-    zmv_repeats: int = 1  # ZMV T_max
+    zmv_steps: int = Field(1, ge=0)  # ZMV lambda_step
+    zmv_repeats: int = Field(1, ge=1)  # ZMV T_max
     train_last_step: bool = True  # upstream trains the last (reward-irrelevant) noisy action too
     # batch arithmetic
-    sample_batch_size_per_gpu: int = 4
-    num_sample_iters: int = 1
-    batches_per_epoch: int = 10
-    num_epochs: int = 70
-    train_batch_size_per_gpu: int = 1
-    num_inner_epochs: int = 1
-    gradient_accumulation_steps: int = 32
+    sample_batch_size_per_gpu: int = Field(4, ge=1)
+    num_sample_iters: int = Field(1, ge=1)
+    batches_per_epoch: int = Field(10, ge=1)
+    num_epochs: int = Field(70, ge=1)
+    train_batch_size_per_gpu: Literal[1] = 1  # one prompt pair per micro-step, as upstream
+    num_inner_epochs: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(32, ge=1)
     # optimiser
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 5.0
-    clip_range: float = 1e-4
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(5.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = 10.0  # used by mv_pg only (upstream: unused)
     # LoRA
-    lora_rank: int = 16
+    lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None  # null: = rank (scale 1)
     lora_scale: float = 1.0
     # constraint (Lagrangian)
-    lambda_init: float = 0.0
-    lambda_lr: float = 0.1
-    lambda_max: float | None = 5.0  # 0 or null: no upper cap (upstream: ``lambda_max if lambda_max else None``)
-    lambda_update_delay_steps: int = 0
-    ema_beta: float = 0.99
+    lambda_init: float = Field(0.0, ge=0)
+    lambda_lr: float = Field(0.1, ge=0)
+    lambda_max: float | None = Field(5.0, ge=0)  # 0 or null: no upper cap (upstream: ``lambda_max if lambda_max else None``)
+    lambda_update_delay_steps: int = Field(0, ge=0)
+    ema_beta: float = Field(0.99, ge=0, le=1)
     constrain_threshold_init: float = 0.0
-    ws_weight: float = 0.5  # WS-ZigAL fixed weight w
+    ws_weight: float = Field(0.5, ge=0)  # WS-ZigAL fixed weight w
     # precision / memory
-    mixed_precision: str = "fp16"  # no | fp16 | bf16 (frozen weights in this dtype, LoRA in fp32)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # frozen weights in this dtype, LoRA in fp32
     allow_tf32: bool = True
     gradient_checkpointing: bool = True
-    vae_batch: int = 6  # decode at most this many views at once (VAE slicing)
+    vae_batch: int = Field(6, ge=1)  # decode at most this many views at once (VAE slicing)
     split_pair_forward: bool = False  # true: one UNet call per trajectory (lower peak memory) instead of one per pair
     # bookkeeping
-    seed: int = 42
-    save_interval: int = 1
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # what numpy/accelerate's set_seed accept
+    save_interval: int = Field(1, ge=1)
 
 
-@dataclass
-class LoggingConfig:
-    sample_prompts: list[str] = field(default_factory=list)  # empty: the first 2 prompts of the set
-    sample_seed: int = 0
+class LoggingConfig(_Section):
+    sample_prompts: list[str] = Field(default_factory=list)  # empty: the first 2 prompts of the set
+    sample_seed: int = Field(0, ge=0)
     sample_grid: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # --log-with tensorboard|wandb|all|none sets these two
     wandb: bool = False
     wandb_project: str = "mvczigal"
+    kl_to_base: bool = True  # one extra no-grad UNet call per iteration for the KL-to-base curve
 
 
-# (training keys, predicate, what the message says they must be), checked in this order by validate()
-_TRAINING_BOUNDS: tuple[tuple[tuple[str, ...], typing.Callable[[Any], bool], str], ...] = (
-    (("resolution", "num_views", "num_inference_steps", "sample_batch_size_per_gpu", "num_sample_iters",
-      "batches_per_epoch", "num_epochs", "gradient_accumulation_steps", "lora_rank", "save_interval",
-      "zmv_repeats", "num_inner_epochs", "vae_batch"), lambda v: v >= 1, "be at least 1"),
-    (("lr", "clip_range", "max_grad_norm", "adam_epsilon"), lambda v: v > 0, "be positive"),
-    (("lambda_lr", "lambda_init", "weight_decay", "zmv_steps", "lambda_update_delay_steps",
-      "ws_weight"), lambda v: v >= 0, "not be negative"),
-)
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     preset: str = "custom"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     # ---- derived ----------------------------------------------------------------------------------
     @property
@@ -153,8 +140,18 @@ class TrainConfig:
     def objective(self) -> str:
         return self.training.objective or METHOD_TABLE[self.training.method][2]
 
+    @property
+    def trained_steps(self) -> int:
+        s = self.training.num_inference_steps
+        return s if self.training.train_last_step or s == 1 else s - 1
+
+    @property
+    def micro_steps_per_iteration(self) -> int:
+        t = self.training
+        return t.sample_batch_size_per_gpu * t.num_sample_iters * self.trained_steps * t.num_inner_epochs
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_yaml(self) -> str:
         import yaml
@@ -165,114 +162,68 @@ class TrainConfig:
         flat = {k: v for k, v in flatten(self.to_dict()).items() if k not in ignore}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def validate(self) -> TrainConfig:
+    def validate(self) -> TrainConfig:  # noqa: D102  (checked on construction; kept for callers)
+        return self
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        """What no single field can say (ConfigError passes through pydantic unchanged)."""
         t = self.training
-        if t.method not in METHODS:
-            raise ConfigError(f"training.method {t.method!r} is not known.", f"Use one of {', '.join(METHODS)}.")
-        if t.objective is not None and t.objective not in OBJECTIVES:
-            raise ConfigError(f"training.objective {t.objective!r} is not known.", f"Use one of {', '.join(OBJECTIVES)} or null.")
-        if t.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"training.mixed_precision {t.mixed_precision!r} is not known.", "Use no, fp16 or bf16.")
-        for keys, ok, what in _TRAINING_BOUNDS:
-            for key in keys:
-                if not ok(getattr(t, key)):
-                    raise ConfigError(f"training.{key} must {what}, got {getattr(t, key)}.")
-        if not 1 <= t.num_inference_steps <= 50:
-            raise ConfigError(f"training.num_inference_steps must be in 1..50, got {t.num_inference_steps}.")
         if t.num_inference_steps == 1 and not t.train_last_step:
             raise ConfigError("with 1 inference step, training.train_last_step=false leaves nothing to train.")
-        if t.train_batch_size_per_gpu != 1:
-            raise ConfigError("training.train_batch_size_per_gpu must be 1 (one prompt pair per micro-step, as upstream).")
-        if not 0 <= t.ema_beta <= 1:
-            raise ConfigError(f"training.ema_beta must be in [0, 1], got {t.ema_beta}.")
-        if t.lambda_max is not None and t.lambda_max < 0:
-            raise ConfigError(f"training.lambda_max must not be negative, got {t.lambda_max}.",
-                              "Use a positive cap, or 0 / null for no cap (as upstream).")
         if t.lambda_max and t.lambda_init > t.lambda_max:
             raise ConfigError(f"training.lambda_init {t.lambda_init} exceeds training.lambda_max {t.lambda_max}.")
         if not self.prompts.prompt_set.strip():
             raise ConfigError("prompts.prompt_set is empty.", "Name a shipped set (simple_animals) or a prompt file.")
+        micro, ga = self.micro_steps_per_iteration, t.gradient_accumulation_steps
+        if micro % ga:  # accelerate syncs every ga micro-steps: a remainder would spill into the next iteration
+            fits = [d for d in range(1, micro + 1) if micro % d == 0]
+            raise ConfigError(
+                f"training.gradient_accumulation_steps {ga} does not divide the {micro} micro-steps of an iteration "
+                f"(sample_batch_size_per_gpu {t.sample_batch_size_per_gpu} x num_sample_iters {t.num_sample_iters} x "
+                f"{self.trained_steps} trained steps x num_inner_epochs {t.num_inner_epochs}).",
+                f"Use one of {', '.join(map(str, fits))}.")
         return self
 
 
-# ---- (de)serialisation with type checks ---------------------------------------------------------------
+# ---- validation errors as one line --------------------------------------------------------------------
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = TrainConfig
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:  # X | None: X's own message (e.g. "must be a finite number")
-            raise errors[0]
-        raise ConfigError(f"config key {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key} must be a list, got {value!r}.")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # nan / inf would pass every range check below and poison the run
-                raise ConfigError(f"config key {key} must be a finite number, got {value!r}.",
-                                  "Fix the value in the YAML file or the --set override.")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key {key} must be {_type_name(tp)}, got {value!r}.",
-                      "Fix the value in the YAML file or the --set override.")
+        cls = field.annotation
+    return cls
 
 
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix or '(top level)'} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]}.",
-                          f"Valid keys{' in ' + prefix if prefix else ''}: {', '.join(sorted(names))}.")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
+def config_error(exc: ValidationError) -> ConfigError:
+    """The first pydantic error as one line naming the key."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _section_of(loc[:-1])
+        valid = f"Valid keys{' in ' + '.'.join(map(str, loc[:-1])) if loc[:-1] else ''}: " + \
+            ", ".join(sorted(section.model_fields)) + "." if section else "Check the key's spelling."
+        return ConfigError(f"unknown config key {key}.", valid)
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return ConfigError(f"config key {key}: {msg}, got {err.get('input')!r}.",
+                       "Fix the value in the YAML file or the --set override.")
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, data, "").validate()
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of sections.")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc) from None
+
+
+def defaults_dict() -> dict[str, Any]:
+    return TrainConfig().to_dict()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -361,23 +312,36 @@ def preset_dict(name: str) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file as a dict in mvz's layout; upstream MVC-ZigAL's own files are mapped key by key
+    (:mod:`mvz.train.upstream`, one note per ignored key)."""
+    from mvz.train.upstream import is_upstream, map_upstream
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.", "Pass an existing YAML file to --config.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8 YAML) file.", "Pass a YAML config.") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} is binary, not YAML.", "Pass a YAML config.")
+    data = _read_yaml(text, str(path))
+    return map_upstream(data, notes) if is_upstream(data) else data
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
-                overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- ``--set`` overrides, type-checked."""
-    data = dataclasses.asdict(TrainConfig())
+                overrides: list[str] | None = None, notes: list[str] | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file (mvz's or upstream's) <- ``--set`` overrides, type-checked."""
+    data = defaults_dict()
     if preset:
         data = deep_merge(data, preset_dict(preset))
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist.", "Pass an existing YAML file to --config.")
-        data = deep_merge(data, _read_yaml(path.read_text(encoding="utf-8"), str(path)))
-    # type-check the merged file layer first so unknown keys in files are reported as such
-    _build(TrainConfig, data, "")
+        data = deep_merge(data, read_config_file(config_file, notes))
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
 
 
 def config_from_yaml_text(text: str, where: str) -> TrainConfig:
-    data = deep_merge(dataclasses.asdict(TrainConfig()), _read_yaml(text, where))
+    data = deep_merge(defaults_dict(), _read_yaml(text, where))
     return from_dict(data)

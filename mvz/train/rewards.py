@@ -53,10 +53,14 @@ class TrainingRewards:
 def load_training_rewards(cfg, device: torch.device) -> TrainingRewards:
     """Build both rewards now, so a missing checkpoint fails before any sampling starts."""
     from mvz.rewards import load_reward
+    from mvz.rewards.custom import is_custom_spec, load_custom_reward
 
     r = cfg.reward
 
     def build(name: str, checkpoint: str | None) -> Reward:
+        if is_custom_spec(name):  # the user's callable, probed at the training views and size
+            return load_custom_reward(name.strip(), views=cfg.training.num_views, size=cfg.training.resolution,
+                                      device=device)
         return load_reward(name, checkpoint, preset=r.preset if checkpoint is None else None, device=device,
                            dtype=r.dtype)
 

@@ -6,12 +6,15 @@
       run.json                  marker + provenance (mvz version, config fingerprint, world size)
       config.yaml               the resolved config
       metrics.jsonl             one JSON object per iteration
-      tensorboard/              TensorBoard event files
+      tensorboard/              TensorBoard event files (``--log-with tensorboard``)
       samples/epoch_K.png       standard vs ZMV views of fixed prompts
-      epoch_K/
-        mvczigal_lcm_sdxl_lora.safetensors   upstream file name and PEFT layout (fp32)
-        training_state.pt       optimizer (+ grad scaler), lambda, tau, counters
-        state.json              the same counters, human-readable
+      epoch_K/                  ``accelerator.save_state`` plus the LoRA in the upstream layout:
+        mvczigal_lcm_sdxl_lora.safetensors   upstream file name and PEFT layout (fp32), by a save-state hook
+        optimizer.bin           optimizer (+ scaler.pt under fp16), written by accelerate
+        random_states_R.pkl     each process's RNG states and accelerate's micro-step counter
+        custom_checkpoint_0.pkl the registered training progress: lambda, tau, epoch, step, world size
+        state.json              the same counters, human-readable (written last)
+      report/                   ``mvz train report RUN``: curves (PNG) and report.md
 
 Every file is written atomically and an ``epoch_K`` folder appears only when complete, so a kill at any
 moment loses at most the current epoch and never leaves a half-written checkpoint.
@@ -36,7 +39,7 @@ from mvz.train.config import TrainConfig, config_from_yaml_text, flatten
 RUN_MARKER = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "training_state.pt"
+PROGRESS_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first object registered for checkpointing
 STATE_JSON = "state.json"
 RUN_FORMAT = 1
 # keys that may change when a run is resumed (everything else must match the run's config)
@@ -53,16 +56,12 @@ class Checkpoint:
     def lora(self) -> Path:
         return self.path / LORA_FILENAME
 
-    def load_state(self) -> dict[str, Any]:
-        """The training state; a truncated or corrupt file is a one-line error naming the folder to delete."""
-        path = self.path / STATE_FILE
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch reports a cut file as RuntimeError, EOFError or UnpicklingError
-            before = f"resume from epoch_{self.epoch - 1}" if self.epoch > 0 else "start the run again"
-            raise CheckpointError(
-                f"training state {path} is truncated or unreadable ({type(exc).__name__}).",
-                f"Delete the folder {self.path} to {before} with the same --resume command.") from None
+    def unreadable(self, exc: BaseException) -> CheckpointError:
+        """A truncated or corrupt checkpoint: one line naming the folder to delete."""
+        before = f"resume from epoch_{self.epoch - 1}" if self.epoch > 0 else "start the run again"
+        return CheckpointError(
+            f"training state in {self.path} is truncated or unreadable ({type(exc).__name__}).",
+            f"Delete the folder {self.path} to {before} with the same --resume command.")
 
 
 class RunDir:
@@ -108,6 +107,7 @@ class RunDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "preset": cfg.preset,
             "config_fingerprint": cfg.fingerprint(ignore=RESUMABLE_CHANGES),
+            "config": flatten(cfg.to_dict()),  # as trained: a hand edit of config.yaml is caught on resume
             "world_size": world_size,
         }
 
@@ -131,16 +131,23 @@ class RunDir:
     def check_resume(self, cfg: TrainConfig) -> None:
         """``cfg`` may differ from the run's config only in :data:`RESUMABLE_CHANGES`."""
         saved = flatten(self.saved_config().to_dict())
-        new = flatten(cfg.to_dict())
-        for key in sorted(set(saved) | set(new)):
-            if key in RESUMABLE_CHANGES or key.startswith("logging."):
-                continue
-            if saved.get(key) != new.get(key):
+        trained = self.read_marker().get("config")
+        if isinstance(trained, dict):
+            key = _first_fixed_change(trained, saved)
+            if key is not None:
                 raise ConfigError(
-                    f"cannot resume {self.path}: it was trained with {key}={saved.get(key)!r}, not {new.get(key)!r}.",
-                    f"Resume with the run's own config (drop --preset/--config), or start a new run; only "
-                    f"{', '.join(RESUMABLE_CHANGES)} and logging.* may change on resume.",
-                )
+                    f"cannot resume {self.path}: {self.config_file} was edited ({key} is {saved.get(key)!r} there; "
+                    f"the run was trained with {trained.get(key)!r}).",
+                    f"Put it back, or start a new run; only {', '.join(RESUMABLE_CHANGES)} and logging.* may change "
+                    "on resume (pass them with --set).")
+        new = flatten(cfg.to_dict())
+        key = _first_fixed_change(saved, new)
+        if key is not None:
+            raise ConfigError(
+                f"cannot resume {self.path}: it was trained with {key}={saved.get(key)!r}, not {new.get(key)!r}.",
+                f"Resume with the run's own config (drop --preset/--config), or start a new run; only "
+                f"{', '.join(RESUMABLE_CHANGES)} and logging.* may change on resume.",
+            )
 
     def update_config(self, cfg: TrainConfig) -> None:
         write_text(self.config_file, cfg.to_yaml())
@@ -152,7 +159,7 @@ class RunDir:
             return out
         for p in self.path.iterdir():
             m = EPOCH_RE.match(p.name)
-            if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / LORA_FILENAME).is_file():
+            if m and p.is_dir() and (p / STATE_JSON).is_file() and (p / LORA_FILENAME).is_file():
                 out.append(Checkpoint(int(m.group(1)), p))
         return sorted(out, key=lambda c: c.epoch)
 
@@ -160,12 +167,12 @@ class RunDir:
         cps = self.checkpoints()
         return cps[-1] if cps else None
 
-    def save_checkpoint(self, epoch: int, lora_writer, state: dict[str, Any], summary: dict[str, Any]) -> Path:
-        """``lora_writer(path)`` writes the LoRA file; the folder is renamed into place when complete."""
+    def save_checkpoint(self, epoch: int, write_state, summary: dict[str, Any]) -> Path:
+        """``write_state(folder)`` fills a temp folder (``accelerator.save_state``); ``state.json`` is written
+        last and the folder renamed into place, so ``epoch_K`` exists only when complete."""
         target = self.epoch_dir(epoch)
         with atomic_dir(target) as tmp:
-            lora_writer(tmp / LORA_FILENAME)
-            torch.save(state, tmp / STATE_FILE)
+            write_state(tmp)
             (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         return target
 
@@ -190,3 +197,13 @@ class RunDir:
         """Drop records of epochs after ``last_epoch`` (the interrupted epoch that resume redoes)."""
         keep = [r for r in self.read_metrics() if int(r.get("epoch", -1)) <= last_epoch]
         write_text(self.metrics_file, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+
+def _first_fixed_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key outside :data:`RESUMABLE_CHANGES` and ``logging.*`` whose value differs, or None."""
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or key.startswith("logging."):
+            continue
+        if old.get(key) != new.get(key):
+            return key
+    return None
