@@ -53,8 +53,10 @@ def runtime_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torc
     """(accelerate mixed_precision, frozen-weight dtype). The CPU runs everything in fp32."""
     if device.type != "cuda":
         return "no", torch.float32
+    from mvz.devices import resolve_dtype
+
     mp = cfg.training.mixed_precision
-    return mp, {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[mp]
+    return mp, resolve_dtype("fp32" if mp == "no" else mp, device)
 
 
 class TrainingProgress:
@@ -136,12 +138,10 @@ class Trainer:
     def _build_accelerator(self, purge_step: int | None) -> None:
         from accelerate import Accelerator
 
-        t = self.cfg.training
-        cpu = self.device_request == "cpu" or (self.device_request in (None, "auto") and not torch.cuda.is_available())
-        if not cpu and not torch.cuda.is_available():
-            from mvz.errors import DeviceError
+        from mvz.devices import resolve_device
 
-            raise DeviceError(f"device {self.device_request!r} was asked for but CUDA is not available here.", "Use --device cpu.")
+        t = self.cfg.training
+        cpu = resolve_device(self.device_request).type != "cuda"  # the one resolver: refused in one line
         mp, self.model_dtype = runtime_precision(self.cfg, torch.device("cpu" if cpu else "cuda"))
         self.trackers = Trackers(self.cfg.logging, self.run, purge_step)
         self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -342,7 +342,6 @@ class Trainer:
     def rollout(self, rng: random.Random) -> Rollout:
         t = self.cfg.training
         parts = []
-        self.pipeline.denoiser.num_views = t.num_views
         for _ in range(t.num_sample_iters):
             prompts = rng.choices(self.prompts, k=t.sample_batch_size_per_gpu)
             seeds = [rng.randrange(2**31) for _ in prompts]
