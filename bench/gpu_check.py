@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backends, left_out = [b for b in args.backends.split(",") if b], {}
     usable, why_not = onnx_consumers(args.device, avail)
+    if not usable and args.backends is None and "onnxruntime" in backends:  # it would have no export to run
+        backends.remove("onnxruntime")
+        left_out["onnxruntime"] = why_not
     report = run_stage("bench", lambda: _bench(args, out, backends, export=usable and not args.no_export), failures)
     bench_s = time.perf_counter() - t0
 
