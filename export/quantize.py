@@ -72,6 +72,10 @@ KEEP_HIGH_PRECISION: tuple[KeepRule, ...] = (
                       "its row attention is a custom processor TensorRT does not fuse as fMHA anyway"),
     KeepRule("*.conv_shortcut", "1x1 residual shortcuts: carry the skip signal, little compute"),
     KeepRule("*.proj_out", "transformer output projection back into the residual stream (NVIDIA demo keeps it)"),
+    # NVIDIA's SDXL recipe ("quant level 2.5" of Model-Optimizer's diffusers example): of the Linear layers
+    # only to_q/to_k/to_v and the feed-forward (ff.net) are quantized, every Conv2d but the kept ones
+    KeepRule("*.to_out.*", "attention output projection: outside NVIDIA's level 2.5 (only to_q/to_k/to_v, ff.net)"),
+    KeepRule("*.proj_in", "transformer input projection: outside NVIDIA's level 2.5 (only to_q/to_k/to_v, ff.net)"),
 )
 # Attention itself (QK^T, softmax, AV) is never quantized: no bmm/softmax quantizer is enabled, so the
 # matmuls and the softmax stay in the base precision. The camera adapter runs outside the UNet graph (its
