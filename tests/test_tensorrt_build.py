@@ -301,3 +301,32 @@ def test_a_build_reverifies_the_graph_bytes_against_the_export_manifest(tmp_path
     with pytest.raises(CheckpointError, match="does not match its export manifest"):
         tb.build_engines(tmp_path, graphs=("unet",))
     assert not built
+
+
+def test_refit_gate_refuses_a_corruption_confined_to_a_few_elements(tiny_model, monkeypatch):
+    """After a refit: 3% of eps off by 0.5% of its rms passes max, median and cosine, not the p99 bound."""
+    import torch
+
+    from engines import tensorrt_refit as tr
+    from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs
+
+    args = unet_example_inputs(tiny_model, torch.float32, 2, 64, 64, seed=3)
+    feeds = {n: a.numpy() for n, a in zip(UNET_INPUTS, args, strict=True)}
+    monkeypatch.setattr(tb, "check_inputs", lambda manifest, graph: feeds)
+    manifest = SimpleNamespace(num_views=2, height=64, width=64, precision="fp32")
+    wrapper = UNetWrapper(tiny_model.unet, 2, 8, 8).eval()
+
+    def engine(corrupt: bool):
+        def run(inputs):
+            with torch.no_grad():
+                out = wrapper(*[inputs[n] for n in UNET_INPUTS]).clone()
+            if corrupt:
+                flat = out.view(-1)
+                n = int(flat.numel() * 0.03)
+                flat[:n] += 5e-3 * float(flat.pow(2).mean().sqrt())
+            return out
+        return run
+
+    assert tr.check_refit(engine(False), tiny_model, manifest)["passed"]
+    with pytest.raises(tr.RefitRefusedError, match="p99 rel err"):
+        tr.check_refit(engine(True), tiny_model, manifest)
