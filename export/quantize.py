@@ -190,7 +190,7 @@ def calibration_dir() -> Path:
     return mvz_home() / "calibration"
 
 
-def modelopt_config(precision: str, layers: Sequence[str], base_dtype: str = "fp16") -> dict[str, Any]:
+def modelopt_config(precision: str, layers: Sequence[str], base_dtype: str) -> dict[str, Any]:
     """ModelOpt config enabling the weight and input quantizers of ``layers`` only. The quantizer formats
     come from ModelOpt's own presets (``INT8_SMOOTHQUANT_CFG``: int8 per-channel weights, per-tensor
     activations; ``FP8_DEFAULT_CFG``: E4M3 per-tensor); the Q/DQ pairs stay in ``base_dtype``."""

@@ -179,7 +179,7 @@ def test_fp8_graph_has_standard_float8_qdq(tmp_path):
     x = torch.randn(2, 4, 4, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(net, modelopt_config("fp8", ["0", "2"]), forward_loop=lambda m: m(x))
+        mtq.quantize(net, modelopt_config("fp8", ["0", "2"], "fp32"), forward_loop=lambda m: m(x))
         path = tmp_path / "fp8.onnx"
         export_quantized_graph("fp8")(net, (x,), path, ["x"], ["y"], opset=19)
     model = onnx.load(str(path))
