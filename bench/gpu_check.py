@@ -3,14 +3,16 @@
     python -m bench.gpu_check --out gpu-check            # on a machine with one NVIDIA GPU
 
 1. ``mvz bench`` on the full-size architecture with random weights (``sdxl-lcm --random-weights``, fp16,
-   768 px, 6 views, 8 steps) for every available backend: torch eager fp16, torch-compile, torch-cudagraph,
-   onnxruntime (CUDA EP) and tensorrt (ONNX exported into ``OUT/engines`` unless ``--engines-dir`` names an
-   export; TensorRT engines built there and cached). Per stage p50/p90 (CUDA events on the backend stream),
+   768 px, 6 views, 8 steps) for torch eager fp16, torch-compile and torch-cudagraph, plus onnxruntime and
+   tensorrt where they can run (ONNX exported into ``OUT/engines`` unless ``--engines-dir`` names an export,
+   and only when something here can use it: TensorRT or ONNX Runtime's CUDA provider; TensorRT engines built
+   there and cached). Each stage's failure is recorded and the rest goes on; the JSON and Markdown are
+   always written. Per stage p50/p90 (CUDA events on the backend stream),
    peak device memory per stage, the compute floor and the fraction reached, fidelity against an fp32 torch
    reference on one seed (per-step latent error, PSNR). Quality is off (random weights). A backend that cannot
    run is listed with the reason.
-2. A training micro-step (MVC-ZigAL style): LoRA r=16 on the MV UNet, the log-prob of one recorded
-   denoising step for all 6 views recomputed with gradients, a policy-gradient loss, backward and an AdamW
+2. A training micro-step (MVC-ZigAL style): LoRA r=16 on the MV UNet with gradient checkpointing (as the
+   training presets), the log-prob of one recorded denoising step for all 6 views recomputed with gradients, a policy-gradient loss, backward and an AdamW
    step; median time and peak memory over a few steps.
 
 Writes ``OUT/report.json`` / ``report.md`` / PNGs (the bench report) and ``OUT/gpu_check.json`` +
@@ -108,6 +110,45 @@ def train_microstep(model, *, num_views: int, height: int, width: int, steps_tim
 
 
 BUDGET_S = 480.0  # the whole check on an H100 class GPU, engine builds cached
+TORCH_BACKENDS = ("torch", "torch-compile", "torch-cudagraph")
+
+
+def default_backends(avail: dict[str, str | None]) -> tuple[list[str], dict[str, str]]:
+    """The backends to measure here and, for the ONNX ones left out, why: the torch ones always; onnxruntime
+    and TensorRT only where they can run, so nothing is exported that nothing here would use."""
+    chosen, left_out = list(TORCH_BACKENDS), {}
+    for name in ("onnxruntime", "tensorrt"):
+        if avail.get(name):
+            left_out[name] = avail[name]
+        else:
+            chosen.append(name)
+    return chosen, left_out
+
+
+def onnx_consumers(device: str, avail: dict[str, str | None]) -> tuple[bool, str]:
+    """Whether anything here can use an ONNX export (TensorRT; ONNX Runtime with the CUDA provider on a GPU,
+    any provider on the CPU), and the reason when nothing can."""
+    if not avail.get("tensorrt"):
+        return True, ""
+    if avail.get("onnxruntime"):
+        return False, f"nothing here can use an ONNX export: onnxruntime: {avail['onnxruntime']}; tensorrt: {avail['tensorrt']}"
+    if device.startswith("cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return False, ("nothing here can use an ONNX export: ONNX Runtime has no CUDA provider (onnxruntime-gpu "
+                           f"is not installed) and tensorrt: {avail['tensorrt']}")
+    return True, ""
+
+
+def run_stage(name: str, fn, failures: dict[str, str]):
+    """Run one stage; a failure is recorded (one line) and the check goes on."""
+    try:
+        return fn()
+    except Exception as exc:  # every stage's failure is a result of the check, not its end
+        failures[name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        print(f"gpu_check: {name} failed: {failures[name]}", file=sys.stderr)
+        return None
 SUMMARY_STAGES = ("end_to_end", "text_encode", "camera_residuals", "unet_step", "unet_total", "vae_decode",
                   "scheduler_and_other")
 
@@ -123,9 +164,12 @@ def _fidelity_row(fid: dict | None) -> dict | None:
                                      "psnr_db_min", "ok_finite")}
 
 
-def summarize(report: dict, train: dict | None) -> dict:
+def summarize(report: dict | None, train: dict | None) -> dict:
     """The lines that matter, per backend: per-stage p50/p90, peak device memory per stage, fidelity against
     torch fp32 (per-step latent error, PSNR), the fraction of the compute floor reached; plus what was skipped."""
+    if not report:  # the bench stage failed
+        return {"device": None, "config": {}, "peak_tflops": None, "backends": {}, "fidelity_reference": None,
+                "skipped": {}, "engines_build": None, "train_microstep": train}
     comp = report.get("compute", {})
     floor = comp.get("floor_s", {})
     fid = report.get("fidelity", {}).get("backends", {})
@@ -147,6 +191,9 @@ def summarize(report: dict, train: dict | None) -> dict:
             "stage_memory": lat.get("stage_memory"),
             "fidelity": _fidelity_row(fid.get(name)),
         }
+    if not report:
+        return {"device": None, "config": {}, "peak_tflops": None, "backends": {}, "fidelity_reference": None,
+                "skipped": {}, "engines_build": None, "train_microstep": train}
     return {"device": report["environment"].get("gpu", {}).get("name") or report["environment"].get("cpu"),
             "config": {k: report["config"].get(k) for k in ("model", "height", "width", "views", "steps", "dtype",
                                                             "vae_dtype", "runs", "warmup")},
@@ -160,11 +207,10 @@ def _fmt(x, spec: str = ".1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def markdown(summary: dict) -> str:
-    """The summary as the Markdown tables that go into bench/README.md."""
+def _latency_table(summary: dict) -> list[str]:
     cfg = summary["config"]
-    lines = [f"# GPU check: {summary['device']}", "",
-             f"{cfg['model']}, {cfg['views']} views x {cfg['height']}x{cfg['width']} px, {cfg['steps']} steps, "
+    lines: list[str] = []
+    lines += [f"{cfg['model']}, {cfg['views']} views x {cfg['height']}x{cfg['width']} px, {cfg['steps']} steps, "
              f"{cfg['dtype']} (VAE {cfg['vae_dtype']}), {cfg['runs']} timed runs after {cfg['warmup']} warm-ups; "
              f"peak {_fmt(summary['peak_tflops'])} TFLOPS; fidelity against {summary['fidelity_reference']}.", "",
              "| backend | end to end p50 / p90 ms | UNet step p50 / p90 ms | VAE p50 / p90 ms | UNet % of peak | "
@@ -190,6 +236,17 @@ def markdown(summary: dict) -> str:
                      f"{_fmt(frac * 100 if frac is not None else None)} | {_fmt(r.get('end_to_end_over_floor'), '.2f')} | "
                      f"{mem_s} | {_fmt(max(steps) if steps else None, '.2e')} | "
                      f"{_fmt(fid.get('psnr_db_mean'))} / {_fmt(fid.get('psnr_db_min'))} |")
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the Markdown tables that go into bench/README.md."""
+    cfg = summary["config"]
+    lines = [f"# GPU check: {summary['device']}", ""]
+    if summary.get("failures"):
+        lines += ["Failed stages:", *[f"- {n}: {why}" for n, why in summary["failures"].items()], ""]
+    if cfg:
+        lines += _latency_table(summary)
     if summary["skipped"]:
         lines += ["", "Skipped:", *[f"- {n}: {why}" for n, why in summary["skipped"].items()]]
     tr = summary.get("train_microstep")
@@ -212,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--views", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--backends", default="torch,torch-compile,torch-cudagraph,onnxruntime,tensorrt")
+    ap.add_argument("--backends", default=None, help="default: torch, torch-compile, torch-cudagraph, and "
+                    "onnxruntime / tensorrt where they can run here")
     ap.add_argument("--engines-dir", default=None, help="an export folder to reuse (default: export into OUT/engines)")
     ap.add_argument("--no-export", action="store_true", help="do not export ONNX for onnxruntime (TensorRT still exports)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (max-autotune takes many minutes)")
@@ -221,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fidelity", action="store_true")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--train-steps", type=int, default=3)
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
+                    help="the training presets checkpoint the UNet's activations; this measures without")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
 
     import torch
 
@@ -233,41 +293,73 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 3
 
-    from bench.suite import BenchConfig, free_cuda_cache, run_bench
-    from mvz.atomic import write_text
+    from bench.backends import availability
+    from bench.suite import free_cuda_cache
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    cfg = BenchConfig(
-        model=args.model, random_weights=args.model != "tiny", device=args.device, dtype=args.dtype,
-        height=args.height, width=args.height, views=args.views, steps=args.steps,
-        backends=[b for b in args.backends.split(",") if b], warmup=args.warmup, runs=args.runs,
-        fidelity=not args.no_fidelity, quality="off", latency_reward="none", engines_dir=args.engines_dir,
-        export=not args.no_export, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
-        threads=args.threads, out=str(out),
-    )
-    report = run_bench(cfg, argv=["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])])
+    failures: dict[str, str] = {}
+    avail = availability()
+    if args.backends is None:
+        backends, left_out = default_backends(avail)
+    else:
+        backends, left_out = [b for b in args.backends.split(",") if b], {}
+    usable, why_not = onnx_consumers(args.device, avail)
+    if not usable and args.backends is None and "onnxruntime" in backends:  # it would have no export to run
+        backends.remove("onnxruntime")
+        left_out["onnxruntime"] = why_not
+    report = run_stage("bench", lambda: _bench(args, out, backends, export=usable and not args.no_export), failures)
     bench_s = time.perf_counter() - t0
 
     train = None
     if not args.no_train:
-        from mvz.models.loading import load_model
-
         free_cuda_cache(torch.device(args.device))
         print("training micro-step", file=sys.stderr)
-        model = load_model(args.model, random_weights=args.model != "tiny", device=args.device, dtype=args.dtype)
-        try:
-            train = train_microstep(model, num_views=args.views, height=args.height, width=args.height,
-                                    steps_timed=args.train_steps, grad_checkpointing=args.grad_checkpointing)
-        except torch.cuda.OutOfMemoryError as exc:
-            train = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-        del model
+        train = run_stage("train_microstep", lambda: _train(args), failures)
     summary = summarize(report, train)
+    summary["failures"] = failures
+    summary["skipped"].update(left_out)
+    if not usable:
+        summary["export"] = f"skipped: {why_not}"
     summary["wall_s"] = {"bench": bench_s, "total": time.perf_counter() - t0, "budget": BUDGET_S}
+    _write(out, summary)
+    return 0
+
+
+def _bench(args, out: Path, backends: list[str], export: bool) -> dict:
+    from bench.suite import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model=args.model, random_weights=args.model != "tiny", device=args.device, dtype=args.dtype,
+        height=args.height, width=args.height, views=args.views, steps=args.steps, backends=backends,
+        warmup=args.warmup, runs=args.runs, fidelity=not args.no_fidelity, quality="off", latency_reward="none",
+        engines_dir=args.engines_dir, export=export, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
+        threads=args.threads, out=str(out),
+    )
+    return run_bench(cfg, argv=["python", "-m", "bench.gpu_check", *args.argv])
+
+
+def _train(args) -> dict:
+    import torch
+
+    from mvz.models.loading import load_model
+
+    model = load_model(args.model, random_weights=args.model != "tiny", device=args.device, dtype=args.dtype)
+    try:
+        return train_microstep(model, num_views=args.views, height=args.height, width=args.height,
+                               steps_timed=args.train_steps, grad_checkpointing=args.grad_checkpointing)
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+
+
+def _write(out: Path, summary: dict) -> None:
+    """JSON + Markdown, whatever failed before."""
+    from mvz.atomic import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "gpu_check.json", json.dumps(summary, indent=2, default=str) + "\n")
     write_text(out / "gpu_check.md", markdown(summary))
     print(markdown(summary))
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def refit_unet(engine, trt, logger, refit_map: dict[str, Any], model, engine_has
 
 # engine after refit vs the torch UNet carrying the LoRA: (max rel, median rel, min cosine), as export parity
 REFIT_CHECK_TOLERANCE = {"fp16": (1e-1, 1e-2, 0.999), "fp32": (1e-2, 1e-3, 0.99999)}
+# and the 99th percentile of the same relative error (a LoRA refit that corrupts a few channels)
+REFIT_P99_TOLERANCE = {"fp16": 3e-2, "fp32": 3e-3}
 
 
 def check_refit(run, model, manifest) -> dict:
@@ -98,11 +100,23 @@ def check_refit(run, model, manifest) -> dict:
         torch_feeds = {n: t if n == "timestep" else t.to(model.dtype) for n, t in feeds.items()}
         ref = UNetIO.of(model).call_unet(model.unet, torch_feeds, settings)
         out = run(feeds)
-    stats = compare(ref.float().cpu().numpy(), out.float().cpu().numpy())
+    ref_np, out_np = ref.float().cpu().numpy(), out.float().cpu().numpy()
+    stats = compare(ref_np, out_np)
+    stats["p99_rel_err"] = _p99_rel_err(ref_np, out_np)
     tol = REFIT_CHECK_TOLERANCE[manifest.precision]
-    stats["passed"] = within(stats, manifest.precision, tol)
+    stats["passed"] = within(stats, manifest.precision, tol) and stats["p99_rel_err"] <= REFIT_P99_TOLERANCE[manifest.precision]
     if not stats["passed"]:
         raise RefitRefusedError(
             f"the refitted UNet engine does not match the torch UNet with this LoRA (finite={stats['finite']}, "
-            f"median rel err {stats['median_rel_err']:.3g}, cosine {stats['cosine']:.5f}).", REBUILD)
+            f"median rel err {stats['median_rel_err']:.3g}, p99 rel err {stats['p99_rel_err']:.3g}, "
+            f"cosine {stats['cosine']:.5f}).", REBUILD)
     return stats
+
+
+def _p99_rel_err(ref, out) -> float:
+    """99th percentile of |out - ref| / rms(ref) (the relative error ``compare`` reports as median and max)."""
+    import numpy as np
+
+    ref, out = np.asarray(ref, np.float64).ravel(), np.asarray(out, np.float64).ravel()
+    rms = float(np.sqrt(np.mean(ref**2))) or 1.0
+    return float(np.quantile(np.abs(out - ref) / rms, 0.99)) if ref.size else 0.0

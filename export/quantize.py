@@ -50,6 +50,10 @@ DEFAULT_CALIB_STEPS = 8
 DEFAULT_CALIB_SEED = 1234
 CALIB_PROMPTS_FILE = "calib_prompts.txt"  # package data (mvz/data)
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+# ModelOpt's ``trt_high_precision_dtype`` per base dtype: the type of the Q/DQ scales and of DequantizeLinear's
+# output. ModelOpt defaults to "Float", which casts every quantized input to fp32 and so turns all later
+# activations and the output of an fp16 graph into fp32 (NVIDIA's diffusers example sets "Half" for fp16).
+HIGH_PRECISION_DTYPE = {"fp16": "Half", "bf16": "BFloat16", "fp32": "Float"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ KEEP_HIGH_PRECISION: tuple[KeepRule, ...] = (
                       "its row attention is a custom processor TensorRT does not fuse as fMHA anyway"),
     KeepRule("*.conv_shortcut", "1x1 residual shortcuts: carry the skip signal, little compute"),
     KeepRule("*.proj_out", "transformer output projection back into the residual stream (NVIDIA demo keeps it)"),
+    # NVIDIA's SDXL recipe ("quant level 2.5" of Model-Optimizer's diffusers example): of the Linear layers
+    # only to_q/to_k/to_v and the feed-forward (ff.net) are quantized, every Conv2d but the kept ones
+    KeepRule("*.to_out.*", "attention output projection: outside NVIDIA's level 2.5 (only to_q/to_k/to_v, ff.net)"),
+    KeepRule("*.proj_in", "transformer input projection: outside NVIDIA's level 2.5 (only to_q/to_k/to_v, ff.net)"),
 )
 # Attention itself (QK^T, softmax, AV) is never quantized: no bmm/softmax quantizer is enabled, so the
 # matmuls and the softmax stay in the base precision. The camera adapter runs outside the UNet graph (its
@@ -171,7 +179,8 @@ def calibration_hash(spec: CalibrationSpec, model_fp: str, lora: dict | None, la
     """Cache key of a calibrated UNet: same key, same quantizer scales."""
     payload = {"spec": asdict(spec), "model": model_fp, "lora": (lora or {}).get("sha256"),
                "lora_scale": (lora or {}).get("scale"), "layers": list(layers), "modelopt": modelopt_version(),
-               "alpha": SMOOTHQUANT_ALPHA if spec.precision == "int8" else None}
+               "alpha": SMOOTHQUANT_ALPHA if spec.precision == "int8" else None,
+               "qdq_dtype": HIGH_PRECISION_DTYPE[spec.base_dtype]}  # restored calibrations carry it
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -181,10 +190,10 @@ def calibration_dir() -> Path:
     return mvz_home() / "calibration"
 
 
-def modelopt_config(precision: str, layers: Sequence[str]) -> dict[str, Any]:
+def modelopt_config(precision: str, layers: Sequence[str], base_dtype: str) -> dict[str, Any]:
     """ModelOpt config enabling the weight and input quantizers of ``layers`` only. The quantizer formats
     come from ModelOpt's own presets (``INT8_SMOOTHQUANT_CFG``: int8 per-channel weights, per-tensor
-    activations; ``FP8_DEFAULT_CFG``: E4M3 per-tensor)."""
+    activations; ``FP8_DEFAULT_CFG``: E4M3 per-tensor); the Q/DQ pairs stay in ``base_dtype``."""
     import modelopt.torch.quantization as mtq
 
     preset = mtq.INT8_SMOOTHQUANT_CFG if precision == "int8" else mtq.FP8_DEFAULT_CFG
@@ -193,7 +202,8 @@ def modelopt_config(precision: str, layers: Sequence[str]) -> dict[str, Any]:
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for name in layers:
         for q in ("weight_quantizer", "input_quantizer"):
-            entries.append({"quantizer_name": f"{name}.{q}", "cfg": dict(fmt[f"*{q}"]), "enable": True})
+            cfg = {**fmt[f"*{q}"], "trt_high_precision_dtype": HIGH_PRECISION_DTYPE[base_dtype]}
+            entries.append({"quantizer_name": f"{name}.{q}", "cfg": cfg, "enable": True})
     algorithm: Any = {"method": "smoothquant", "alpha": SMOOTHQUANT_ALPHA} if precision == "int8" else "max"
     return {"quant_cfg": entries, "algorithm": algorithm}
 
@@ -218,8 +228,11 @@ class CountingDenoiser(nn.Module):
 
     def forward(self, sample, timestep, *rest):
         self.calls += 1
-        cast = [t.to(self.dtype) if t.is_floating_point() else t for t in (sample, *rest)]
-        return self.wrapper(cast[0], timestep, *cast[1:])
+        # the UNet's device, not the sampler's: the memory plan may keep the text encoders (so the prompt
+        # embeddings) on the CPU while the UNet calibrates on the GPU
+        device = next(self.wrapper.parameters()).device
+        cast = [t.to(device, self.dtype) if t.is_floating_point() else t.to(device) for t in (sample, *rest)]
+        return self.wrapper(cast[0], timestep.to(device), *cast[1:]).to(sample.device)
 
 
 def sampler_forward_loop(model, wrapper: nn.Module, spec: CalibrationSpec) -> tuple[Callable, CountingDenoiser]:
@@ -268,7 +281,7 @@ def calibrated_unet(model, unet: nn.Module, spec: CalibrationSpec, *, model_fp: 
     # ModelOpt prints progress ("Inserted N quantizers") to stdout: keep stdout for `--json`
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "<layer> is not calibrated, skip smoothing" for every Conv2d
-        mtq.quantize(unet, modelopt_config(spec.precision, layers), forward_loop=loop)
+        mtq.quantize(unet, modelopt_config(spec.precision, layers, spec.base_dtype), forward_loop=loop)
     seconds = time.perf_counter() - t
     figures = {"prompts": len(spec.prompts), "prompts_sha256": prompts_hash(spec.prompts), "steps": spec.steps,
                "seed": spec.seed, "unet_calls": counter.calls, "seconds": round(seconds, 3),
@@ -304,7 +317,7 @@ def export_quantized_graph(precision: str) -> Callable:
     def export(module, args, path, input_names, output_names, *, exporter: str = "torchscript", **options):
         import onnx
 
-        from export.onnx_export import export_graph, save_graph
+        from export.onnx_export import export_graph
 
         if exporter != "torchscript":
             raise InputError(f"--precision {precision} exports with the torchscript exporter only.",
@@ -312,10 +325,34 @@ def export_quantized_graph(precision: str) -> Callable:
         saved = export_graph(module, args, path, input_names, output_names, exporter="torchscript", **options)
         if precision == "fp8":
             graph = standard_fp8_qdq(onnx.load(str(path), load_external_data=True))
-            saved = save_graph(graph, Path(path), external_data=saved.external_data is not None)
+            saved = replace_graph(graph, Path(path), external_data=saved.external_data is not None)
         return saved
 
     return export
+
+
+def replace_graph(model, path: Path, external_data: bool):
+    """``save_graph`` over an existing ``path``: saved under the same name in a fresh folder beside it, then
+    moved over the old files (data first, then the graph). onnx appends external data to an existing
+    ``<name>.data``, so saving in place would leave a graph twice its size, half of it stale."""
+    import os
+    import shutil
+    import tempfile
+
+    from export.onnx_export import SavedGraph, save_graph
+
+    fresh = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        saved = save_graph(model, fresh / path.name, external_data=external_data)
+        data = path.parent / f"{path.name}.data"
+        if saved.external_data is not None:
+            os.replace(saved.external_data, data)
+        else:
+            data.unlink(missing_ok=True)
+        os.replace(fresh / path.name, path)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return SavedGraph(path, data if saved.external_data is not None else None, saved.bytes, saved.num_nodes)
 
 
 def standard_fp8_qdq(model):

@@ -73,3 +73,49 @@ def test_bench_builds_tensorrt_engines_when_tensorrt_can_run(tmp_path, monkeypat
     assert built == [("tensorrt", engines)]
     assert ("tensorrt", [("tensorrt", engines)]) in created, "engines are built before the TensorRT backend is opened"
     assert report["engines_build"] == {"folder": str(engines)}
+
+
+def test_default_backends_without_tensorrt_are_the_torch_ones():
+    from bench.gpu_check import default_backends
+
+    avail = {"torch": None, "torch-compile": None, "torch-cudagraph": None,
+             "onnxruntime": "onnxruntime-gpu is not installed", "tensorrt": "Module 'tensorrt' is required"}
+    chosen, left_out = default_backends(avail)
+    assert chosen == ["torch", "torch-compile", "torch-cudagraph"]
+    assert left_out == {"onnxruntime": avail["onnxruntime"], "tensorrt": avail["tensorrt"]}
+    chosen, left_out = default_backends({**avail, "tensorrt": None})
+    assert chosen[-1] == "tensorrt" and "tensorrt" not in left_out
+
+
+def test_no_export_when_nothing_here_can_use_it(monkeypatch):
+    """A GPU box with CPU-only ONNX Runtime and no TensorRT: exporting the full UNet would be minutes for nothing."""
+    import onnxruntime as ort
+
+    from bench.gpu_check import onnx_consumers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    avail = {"onnxruntime": None, "tensorrt": "Module 'tensorrt' is required"}
+    usable, why = onnx_consumers("cuda", avail)
+    assert not usable and "CUDA provider" in why and "tensorrt" in why
+    assert onnx_consumers("cpu", avail)[0]  # ONNX Runtime runs the export on the CPU device
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_consumers("cuda", avail)[0]
+    assert onnx_consumers("cuda", {"onnxruntime": "x", "tensorrt": None})[0]
+
+
+def test_a_failing_stage_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
+    from bench import gpu_check
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(gpu_check, "_bench", broken)
+    monkeypatch.setattr(gpu_check, "_train", lambda args: {"what": "fake", "median_s": 0.1, "grad_checkpointing":
+                                                         args.grad_checkpointing})
+    out = tmp_path / "gpu"
+    assert gpu_check.main(["--model", "tiny", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["failures"] == {"bench": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert summary["train_microstep"]["grad_checkpointing"] is True  # as the training presets
+    md = (out / "gpu_check.md").read_text()
+    assert "- bench: RuntimeError" in md and "Training micro-step" in md

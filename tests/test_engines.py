@@ -272,10 +272,11 @@ def test_tensorrt_build_run_and_refit(tmp_path):
     assert set(em.engines) == {"unet", "vae_decoder"} and (tmp_path / "timing.cache").is_file()
     again = build_engines(exp.folder, refittable=True, timing_cache=tmp_path / "timing.cache")
     assert again.engines["unet"].build_seconds == em.engines["unet"].build_seconds  # reused, not rebuilt
+    # the torch reference first: creating the TensorRT backend moves the torch UNet and VAE off the GPU
+    ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
     trt_b = create_backend("tensorrt", m, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1, device="cuda")
     ort_b = create_backend("onnxruntime", m, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1,
                            device="cuda", providers="cuda") if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers() else None
-    ref = MultiviewPipeline(m).sample(["a chair"], [0], steps=4).images
     out = MultiviewPipeline(m, denoiser=trt_b.denoiser, decoder=trt_b.decoder).sample(["a chair"], [0], steps=4).images
     assert (out - ref).abs().max() < 5e-2
     if ort_b is not None:
@@ -292,9 +293,9 @@ def test_tensorrt_build_run_and_refit(tmp_path):
                 p.normal_(0, 0.05)
     lora = save_lora(unet, tmp_path / "lora.safetensors")
     ml = load_model("tiny", device="cuda", dtype="fp16", lora=str(lora))
+    ref_l = MultiviewPipeline(ml).sample(["a chair"], [0], steps=4).images  # before the backend moves the UNet
     trt_l = create_backend("tensorrt", ml, engines_dir=exp.folder, num_views=6, height=GPU_RES, width=GPU_RES, batch=1, device="cuda")
     assert trt_l.info["refit"]["weights"] > 0
-    ref_l = MultiviewPipeline(ml).sample(["a chair"], [0], steps=4).images
     out_l = MultiviewPipeline(ml, denoiser=trt_l.denoiser, decoder=trt_l.decoder).sample(["a chair"], [0], steps=4).images
     assert (out_l - ref_l).abs().max() < 5e-2 and (ref_l - ref).abs().max() > 1e-3
 

@@ -79,6 +79,10 @@ def test_decision_keeps_mv_branch_embeddings_and_first_last_convs(tiny_model):
     assert any(n.endswith("attn1.to_q") for n in q) and any(n.endswith("resnets.0.conv1") for n in q)
     assert any(n.endswith("ff.net.2") for n in q)
     assert kept_reason("down_blocks.0.resnets.0.conv1") is None
+    # NVIDIA's level 2.5: of the Linears only to_q/to_k/to_v and ff.net
+    linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all(n.endswith(("to_q", "to_k", "to_v")) or ".ff.net." in n for n in q & linears), sorted(q & linears)
+    assert any(n.endswith("attn1.to_out.0") for n in k) and any(n.endswith("proj_in") for n in k)
 
 
 def test_modelopt_enables_exactly_the_decided_quantizers(int8):
@@ -175,7 +179,7 @@ def test_fp8_graph_has_standard_float8_qdq(tmp_path):
     x = torch.randn(2, 4, 4, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(net, modelopt_config("fp8", ["0", "2"]), forward_loop=lambda m: m(x))
+        mtq.quantize(net, modelopt_config("fp8", ["0", "2"], "fp32"), forward_loop=lambda m: m(x))
         path = tmp_path / "fp8.onnx"
         export_quantized_graph("fp8")(net, (x,), path, ["x"], ["y"], opset=19)
     model = onnx.load(str(path))

@@ -184,3 +184,149 @@ def test_a_failed_build_is_one_line_with_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DeviceError, match="out of GPU memory.*--workspace"):
         tb.build_one(spec, tmp_path / "g.plan", _manifest(), "unet", FAKE_TRT, print)
     assert not (tmp_path / "g.plan").exists()
+
+
+def _columns_graph(path, factors) -> None:
+    """y = x * w over [4, len(factors)] (a wider graph: room for a corruption confined to a few columns)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = len(factors)
+    w = numpy_helper.from_array(np.asarray(factors, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def test_numeric_gate_catches_a_corruption_confined_to_a_few_channels(tmp_path):
+    """5 of 300 channels 25% off: the median error and the cosine pass, the 99th percentile does not."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    ref, bad = tmp_path / "ref.onnx", tmp_path / "bad.onnx"
+    _columns_graph(ref, [1.5] * 300)
+    _columns_graph(bad, [1.5 * 1.25] * 5 + [1.5] * 295)
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 300)).astype(np.float32)}
+    r = tb.compare_with_onnxruntime(OnnxrtRunner(SessionFromOnnx(str(bad)), name="engine"), ref, feeds, "fp16")
+    assert r["within_tolerance"] and r["cosine"] >= tb.check_bounds("fp16").min_cosine  # what a median gate saw
+    assert not r["p99_within_tolerance"] and not r["passed"]
+    same = tb.compare_with_onnxruntime(OnnxrtRunner(SessionFromOnnx(str(ref)), name="engine"), ref, feeds, "fp16")
+    assert same["passed"]
+
+
+def test_numeric_gate_requires_the_cosine(tmp_path):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    ref, bad = tmp_path / "ref.onnx", tmp_path / "bad.onnx"
+    _columns_graph(ref, [1.0] * 300)
+    _columns_graph(bad, [1.0, -1.0] * 150)  # half the channels flipped: a large error everywhere on them
+    feeds = {"x": np.full((4, 300), 0.01, dtype=np.float32)}  # tiny values: within atol everywhere
+    r = tb.compare_with_onnxruntime(OnnxrtRunner(SessionFromOnnx(str(bad)), name="engine"), ref, feeds, "fp16")
+    assert r["within_tolerance"] and r["p99_within_tolerance"] and r["cosine"] < 0.5
+    assert not r["cosine_within"] and not r["passed"]
+
+
+@pytest.mark.parametrize("precision,base", [("int8", "fp16"), ("fp8", "fp16"), ("int8", "fp32"), ("fp16", None),
+                                            ("fp32", None)])
+def test_every_precision_has_check_bounds(precision, base):
+    """A quantized graph's build ended in KeyError (the table was looked up by the graph's precision)."""
+    bounds = tb.check_bounds(precision, base)
+    assert bounds.min_cosine >= 0.99 and bounds.p99_atol >= bounds.atol and bounds.p99_rtol >= bounds.rtol
+    assert (bounds is tb.QUANTIZED_CHECK_TOLERANCE.get(precision)) == (precision in ("int8", "fp8"))
+
+
+def test_a_quantized_build_is_checked_with_its_own_bounds(tmp_path, monkeypatch):
+    """build_one of an int8 UNet over an fp16 base reaches the check with the quantized bounds (no KeyError)."""
+    onnx_path = tmp_path / "g.onnx"
+    _scale_graph(onnx_path, 1.0)
+    m = _manifest()
+    m.quantization = {"precision": "int8", "base_dtype": "fp16"}
+    m.graphs["unet"].precision = "int8"
+    spec = tb.build_spec(tmp_path, m, "unet", refit="none", workspace_bytes=1, opt_level=4, timing_cache=None)
+    assert (spec.precision, spec.base_dtype) == ("int8", "fp16")
+    monkeypatch.setattr(tb, "engine_loaders", lambda spec, **kw: (None, None, lambda: b"plan"))
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    monkeypatch.setattr("polygraphy.backend.trt.TrtRunner",
+                        lambda engine, name=None: OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name="engine"))
+    monkeypatch.setattr(tb, "_reference_providers", lambda: ["cpu"])
+    entry = tb.build_one(spec, tmp_path / "g.plan", m, "unet", FAKE_TRT, lambda msg: None)
+    assert entry.check["passed"] and entry.check["min_cosine"] == tb.QUANTIZED_CHECK_TOLERANCE["int8"].min_cosine
+
+
+def test_builds_enable_tf32(tmp_path):
+    spec = tb.BuildSpec(onnx=tmp_path / "g.onnx", profile={"x": [[4, 3]] * 3}, precision="fp16")
+    _, config, _ = tb.engine_loaders(spec, workspace_pool="WORKSPACE")
+    assert config.tf32 is True
+
+
+def test_an_oom_that_polygraphy_reports_as_invalid_engine_says_to_lower_the_workspace(tmp_path, monkeypatch):
+    """TensorRT logs the allocation failure; Polygraphy then raises only "Invalid Engine"."""
+    from polygraphy.logger import G_LOGGER
+
+    from mvz.errors import DeviceError
+
+    spec = tb.BuildSpec(onnx=tmp_path / "g.onnx", profile={}, precision="fp16")
+
+    def build():
+        G_LOGGER.error("[defaultAllocator.cpp::allocate::31] Error Code 1: Cuda Runtime (out of memory)")
+        raise RuntimeError("Invalid Engine. Please ensure the engine was built correctly")
+
+    monkeypatch.setattr(tb, "engine_loaders", lambda spec, **kw: (None, None, build))
+    with pytest.raises(DeviceError, match="out of GPU memory.*Lower --workspace or the batch") as err:
+        tb.build_one(spec, tmp_path / "g.plan", _manifest(), "unet", FAKE_TRT, print)
+    assert "raise" not in str(err.value).lower() and "larger" not in str(err.value).lower()
+    assert "error" not in vars(G_LOGGER)  # the logger is itself again
+
+
+def test_a_build_reverifies_the_graph_bytes_against_the_export_manifest(tmp_path, monkeypatch):
+    """A swapped weights file is refused before TensorRT sees it (it was built and recorded)."""
+    import hashlib
+
+    from mvz.errors import CheckpointError
+
+    onnx_path = tmp_path / "g.onnx"
+    _scale_graph(onnx_path, 1.0)
+    m = _manifest()
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    for g in m.graphs.values():
+        g.sha256, g.bytes = digest, onnx_path.stat().st_size
+    m.save(tmp_path)
+    built = []
+    monkeypatch.setattr(tb, "load_tensorrt", lambda need_builder=False: FAKE_TRT)
+    monkeypatch.setattr(tb, "gpu_identity", lambda: {"gpu": "fake", "compute_capability": "8.9"})
+    monkeypatch.setattr(tb, "usable_timing_cache", lambda path, trt, say: None)
+    monkeypatch.setattr(tb, "build_one", lambda spec, *a, **k: built.append(spec) or (_ for _ in ()).throw(SystemExit))
+    _scale_graph(onnx_path, 1.5)  # same size, other weights
+    with pytest.raises(CheckpointError, match="does not match its export manifest"):
+        tb.build_engines(tmp_path, graphs=("unet",))
+    assert not built
+
+
+def test_refit_gate_refuses_a_corruption_confined_to_a_few_elements(tiny_model, monkeypatch):
+    """After a refit: 3% of eps off by 0.5% of its rms passes max, median and cosine, not the p99 bound."""
+    import torch
+
+    from engines import tensorrt_refit as tr
+    from export.wrappers import UNET_INPUTS, UNetWrapper, unet_example_inputs
+
+    args = unet_example_inputs(tiny_model, torch.float32, 2, 64, 64, seed=3)
+    feeds = {n: a.numpy() for n, a in zip(UNET_INPUTS, args, strict=True)}
+    monkeypatch.setattr(tr, "check_inputs", lambda manifest, graph: feeds)  # refit reads the shared helper
+    manifest = SimpleNamespace(num_views=2, height=64, width=64, precision="fp32")
+    wrapper = UNetWrapper(tiny_model.unet, 2, 8, 8).eval()
+
+    def engine(corrupt: bool):
+        def run(inputs):
+            with torch.no_grad():
+                out = wrapper(*[inputs[n] for n in UNET_INPUTS]).clone()
+            if corrupt:
+                flat = out.view(-1)
+                n = int(flat.numel() * 0.03)
+                flat[:n] += 5e-3 * float(flat.pow(2).mean().sqrt())
+            return out
+        return run
+
+    assert tr.check_refit(engine(False), tiny_model, manifest)["passed"]
+    with pytest.raises(tr.RefitRefusedError, match="p99 rel err"):
+        tr.check_refit(engine(True), tiny_model, manifest)
