@@ -63,7 +63,7 @@ def _component_path(ref: str, what: str, filename: str | None = None) -> Path:
             return found
     raise ModelNotFoundError(
         f"{what} {ref!r} is neither a local path nor in the Hugging Face cache.",
-        f"Pass an existing path, or download it first (huggingface-cli download {ref}).",
+        f"Pass an existing path, or download it first (hf download {ref}).",
     )
 
 
@@ -112,7 +112,7 @@ def resolve_sources(
     if res.missing:
         raise ModelNotFoundError(
             f"model {res.name!r} is missing: {'; '.join(res.missing)}.",
-            "Download them (huggingface-cli download REPO) or pass --base-model/--unet-model/--vae-model/--adapter "
+            "Download them (hf download REPO) or pass --base-model/--unet-model/--vae-model/--adapter "
             "paths; --random-weights builds the full-size architecture without weights.",
         )
     return res
