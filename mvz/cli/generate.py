@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
         prompt: str = typer.Argument(None, help="The prompt. Omit it when using --prompts."),
-        prompts_file: Path = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
+        prompts_file: Path = typer.Option(None, "--prompts", help="A text file with one prompt per line (- reads standard input)."),
         model: str = typer.Option("sdxl-lcm", "--model", "-m", help="Preset (tiny, sdxl-lcm) or an assembled model folder."),
         base_model: str = typer.Option(None, help="Override: text encoders/tokenizers (path or cached HF repo id)."),
         unet_model: str = typer.Option(None, help="Override: the UNet (path or cached HF repo id)."),
