@@ -115,13 +115,17 @@ def _check_request(req: ExportRequest) -> None:
         raise InputError(f"--out {out} is a file.", "Pass a folder path (it is created if missing).")
 
 
-def load_dtype(precision: str, device, parity: bool) -> str:
+def load_dtype(precision: str, device, parity: bool):
     """The dtype the model is loaded in: the export's own (fp16) on a GPU, and on a CPU too when no parity
     check computes in torch (the dynamo trace computes nothing), so no second, halved UNet is made; fp32
     otherwise (CPU kernels lack much of fp16)."""
+    import torch
+
     if precision == "fp32":
-        return "fp32"
-    return "fp16" if device.type == "cuda" or not parity else "fp32"
+        return torch.float32
+    if precision in ("int8", "fp8"):  # calibrated in fp16 on a GPU, fp32 on a CPU (export.quantize)
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return torch.float16 if device.type == "cuda" or not parity else torch.float32
 
 
 def run_export(req: ExportRequest) -> None:
