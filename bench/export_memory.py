@@ -6,6 +6,8 @@ Runs, each in a fresh process (so each peak is its own), the command a user woul
 
 once without and once with a random rank-4 LoRA in the upstream layout (written here from the architecture,
 built on the meta device: no weights). Peak RSS comes from the kernel (``os.wait4``'s ``ru_maxrss``); the RSS
+and its CPU time (user + system) also come from
+there, since wall time on a shared machine says more about the neighbours than about the export; the RSS
 is also sampled every half second (psutil, when installed) so the report shows where the peak falls. Stage
 times come from the export's own ``--json`` timings. Results go to a JSON file; ``bench/README.md`` has the
 figures measured on the development machine.
@@ -91,6 +93,8 @@ def run_export(args: list[str], out: Path) -> dict:
     for r in readers:
         r.join()
     result = {"command": " ".join(["mvz", "export", *args]), "exit_code": proc.returncode, "wall_s": round(wall, 1),
+              # CPU time: what the run costs with the machine to itself (wall grows with other processes)
+              "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
               "peak_rss_gib": round(usage.ru_maxrss * 1024 / GiB, 2),
               "rss_samples_gib": [(t, round(b / GiB, 2)) for t, b in samples[::4]]}
     if proc.returncode != 0:
