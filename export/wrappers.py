@@ -85,7 +85,7 @@ def unet_example_inputs(model, unet_dtype: torch.dtype, rows: int, height: int, 
     h, w = height // f, width // f
     ctx_dim = int(model.unet.config.cross_attention_dim)
     text_dim = int(model.text_encoder_2.config.projection_dim)
-    cams = [tuple(r.shape[1:]) for r in model.camera_residuals(CameraSet.default(), height, width)]
+    cams = camera_residual_shapes(model, CameraSet.default(), height, width)
     gdim = model.guidance_dim or 1
     t = [
         torch.randn(rows, model.latent_channels, h, w, generator=g),
@@ -97,6 +97,16 @@ def unet_example_inputs(model, unet_dtype: torch.dtype, rows: int, height: int, 
         *[0.5 * torch.randn(rows, *s, generator=g) for s in cams],
     ]
     return tuple(x.to(device=device, dtype=torch.float32 if i == 1 else unet_dtype) for i, x in enumerate(t))
+
+
+def camera_residual_shapes(model, cameras, height: int, width: int) -> list[tuple[int, ...]]:
+    """The shapes of the T2I-Adapter's outputs, from the adapter run on the meta device (nothing computed:
+    at full size the real run is a long fp16 convolution stack on a CPU)."""
+    from export.onnx_export import weights_on_meta
+
+    x = cameras.adapter_input(height, width).to(device="meta", dtype=model.dtype)
+    with weights_on_meta(model.adapter), torch.no_grad():
+        return [tuple(r.shape[1:]) for r in model.adapter(x)]
 
 
 def vae_example_inputs(model, vae_dtype: torch.dtype, rows: int, height: int, width: int, seed: int = 1,
