@@ -149,6 +149,8 @@ def run_export(req: ExportRequest) -> None:
         mv = load_model(req.model, device=dev, dtype=dtype, random_weights=req.random_weights)
         load_s = time.perf_counter() - t0
         resolution = req.resolution or mv.info.default_resolution
+        if not req.text_encoders:
+            _set_aside_text_encoders(mv, dev, keep_on_host=req.quantized)
         _memory_plans(console, mv, dev, req, resolution)
         result = export_model(
             mv, req.out, lora=req.lora, lora_scale=req.lora_scale, num_views=req.views, height=resolution,
@@ -254,10 +256,6 @@ def _memory_plans(console, mv, dev, req: ExportRequest, resolution: int) -> None
     )
     from mvz.pipeline import DEFAULT_VAE_VIEWS_PER_CALL
 
-    if dev.type == "cuda" and not req.text_encoders:  # not exported: off the GPU for the whole export
-        for enc in (mv.text_encoder, mv.text_encoder_2):
-            if enc is not None:
-                enc.to("cpu")
     fp16ish = req.precision in ("fp16", *QUANTIZED)
     vae_prec = req.vae_precision or ("fp16" if fp16ish and vae_fp16_safe(mv) else "fp32")
     # int8/fp8: the plan counts the fp16 base the calibration and the Q/DQ graph carry (an upper bound)
@@ -285,6 +283,19 @@ def _memory_plans(console, mv, dev, req: ExportRequest, resolution: int) -> None
         check_fits(plan, available, device=torch.cuda.get_device_name(dev))
 
 
+def _set_aside_text_encoders(mv, dev, keep_on_host: bool) -> None:
+    """Text encoders that are not exported leave the GPU for the whole export; on the host their weights are
+    dropped (the export reads only their configs; the CLI owns the model), unless the quantizer's calibration
+    samples with them."""
+    for enc in (mv.text_encoder, mv.text_encoder_2):
+        if enc is None:
+            continue
+        if dev.type == "cuda" or keep_on_host:
+            enc.to("cpu")
+        else:
+            enc.to("meta")
+
+
 def _host_request(mv, dev, req: ExportRequest, plan_req):
     from export.exporter import PRECISIONS, QUANTIZED
     from export.memory_plan import HostRequest
@@ -300,10 +311,10 @@ def _host_request(mv, dev, req: ExportRequest, plan_req):
 
 
 def _host_bytes(mv) -> int:
-    """Bytes of every torch component of the model (parameters and buffers)."""
+    """Bytes of every torch component of the model held on the host (parameters and buffers; not on meta)."""
     return sum(t.numel() * t.element_size() for m in (mv.unet, mv.vae, mv.text_encoder, mv.text_encoder_2,
                                                        getattr(mv, "adapter", None)) if m is not None
-               for t in (*m.parameters(), *m.buffers()))
+               for t in (*m.parameters(), *m.buffers()) if t.device.type == "cpu")
 
 
 def _print_plan(console, plan, available: int, where: str) -> None:
