@@ -3,8 +3,10 @@
 The exporter renames and transposes weights (a Linear becomes ``MatMul`` with a folded, transposed
 ``onnx::MatMul_123`` initializer), so names cannot be derived. Instead every target weight is located by
 the bytes it holds in the exported precision, as itself or transposed; weights with identical bytes (the
-MV branch is initialised as a copy of attn1) are told apart by the name of the node that consumes the
-initializer, which carries the module path (``/unet/down_blocks.1/.../attn1/to_q/MatMul``). A weight whose
+MV branch is initialised as a copy of attn1) are told apart by the module of the node that consumes the
+initializer: its name in a TorchScript graph (``/unet/down_blocks.1/.../attn1/to_q/MatMul``), its recorded
+module scopes in a dynamo graph (``pkg.torch.onnx.name_scopes``). The map is built on the graph's structure,
+hashing one initializer at a time from the external data file (never the whole graph in memory). A weight whose
 initializer is shared with another module cannot be refitted on its own and is listed as ``shared``.
 
 The engine's weight names are the ONNX initializer names (the TensorRT ONNX parser names them so), so the
