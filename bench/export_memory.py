@@ -100,7 +100,8 @@ def run_export(args: list[str], out: Path) -> dict:
     if proc.returncode != 0:
         result["stderr_tail"] = output.get("stderr", "")[-3000:]
         return result
-    payload = json.loads(output["stdout"])
+    text = output["stdout"]
+    payload = json.loads(text[text.index("{\n"):] if not text.startswith("{") else text)  # the CLI's --json object
     result["timings_s"] = {k: round(v, 1) for k, v in payload.get("timings", {}).items()}
     result["files_bytes"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     return result

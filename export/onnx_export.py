@@ -21,7 +21,9 @@ After a file is written nothing loads its weights: ONNX shape inference runs on 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -89,7 +91,8 @@ def _dynamo_trace(module, args, path: Path, input_names, output_names, opset, dy
     if dynamic_batch:
         rows = torch.export.Dim("batch", min=1, max=1024)
         dynamic_shapes = tuple({0: rows} if n in batch_inputs else None for n in input_names)
-    with weights_on_meta(module) as state, torch.no_grad():
+    # torch.onnx reports progress on stdout, which belongs to the CLI (``--json``)
+    with weights_on_meta(module) as state, torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
             module, tuple(a.to("meta") for a in args), input_names=list(input_names),
             output_names=list(output_names), opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
