@@ -116,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=6)
     ap.add_argument("--exporter", default=None, help="dynamo (default) or torchscript.")
     ap.add_argument("--no-lora", action="store_true", help="Skip the run with a LoRA.")
+    ap.add_argument("--no-base", action="store_true", help="Skip the run without a LoRA.")
     ap.add_argument("--keep", action="store_true", help="Keep the exported folders.")
     a = ap.parse_args(argv)
 
     common = ["--model", a.model, "--random-weights", "--resolution", str(a.resolution), "--views", str(a.views),
               "--onnx-only", "--skip-parity", "--device", "cpu"] + (["--exporter", a.exporter] if a.exporter else [])
-    runs = {"base": common}
+    runs = {} if a.no_base else {"base": common}
     if not a.no_lora:
         lora = write_random_lora(a.out / "lora_rank4.safetensors", a.model)
         runs["lora"] = [*common, "--lora", str(lora)]
