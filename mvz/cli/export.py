@@ -101,6 +101,10 @@ def _check_request(req: ExportRequest) -> None:
                                  req.device)
     if req.lora is not None and not req.lora.is_file():
         raise InputError(f"--lora {req.lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
+    from export.onnx_export import EXPORTERS
+
+    if req.exporter is not None and req.exporter not in EXPORTERS:
+        raise InputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {req.exporter!r}.")
     if not 0 <= req.opt_level <= 5:
         raise InputError(f"--opt-level must be 0..5, got {req.opt_level}.")
     checks.finite(req.lora_scale, "--lora-scale", low=-10.0, high=10.0)
