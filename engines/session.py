@@ -182,7 +182,8 @@ def rebuild_tensorrt_engines(model, engines_dir: Path, why: str, say: Say | None
     out = export_dir / "lora_rebuilds" / tag
     res = export_model(model, out, num_views=manifest.num_views, height=manifest.height, width=manifest.width,
                        batch=manifest.batch, precision=manifest.precision, vae_precision=manifest.vae_precision,
-                       opset=manifest.opset, exporter=manifest.exporter, dynamic_batch=manifest.dynamic_batch)
+                       opset=manifest.opset, exporter=manifest.exporter, dynamic_batch=manifest.dynamic_batch,
+                       offload=True)  # each traced module leaves the GPU: no second UNet there during parity and build
     release_device_memory()
     build_engines(res.folder, workspace_bytes=em.workspace_bytes or (8 << 30), opt_level=em.builder_optimization_level,
                   refittable=em.engines["unet"].refittable, timing_cache=export_dir / ENGINES_SUBDIR / "timing.cache")

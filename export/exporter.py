@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import errno
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +142,7 @@ def export_model(
     precision: str = "fp16",
     vae_precision: str | None = None,
     opset: int = 19,
-    exporter: str = "torchscript",
+    exporter: str | None = None,
     dynamic_batch: bool = False,
     parity: bool = True,
     text_encoders: bool = False,
@@ -161,33 +161,25 @@ def export_model(
     ``mvz.pipeline.DEFAULT_VAE_VIEWS_PER_CALL``, at most batch x views): the decoder backends decode in chunks of
     that many, which bounds the VAE's activation memory. ``int8``/``fp8`` quantize the UNet with ModelOpt
     (``export.quantize``: calibrated by the sampler over ``calib_prompts`` for ``calib_steps``, cached) over an
-    fp16 (CUDA) or fp32 (CPU) base. Static shapes unless ``dynamic_batch``. Returns the folder and its
+    fp16 (CUDA) or fp32 (CPU) base. Static shapes unless ``dynamic_batch``. ``exporter`` (default: ``dynamo``, the
+    trace that does not compute; ``torchscript`` for quantized graphs) picks ``export.onnx_export``'s route. Returns the folder and its
     manifest; ``reused`` when OUT already held exactly this export (nothing rewritten; ``force`` redoes it).
 
     Memory: a LoRA file is fused into the model's own UNet weights in place and restored bit for bit
     afterwards (no second UNet on the device). ``offload`` (the CLI, which owns the model) moves each torch
     module to the CPU and frees the device cache once its graph is traced, before ONNX Runtime parity, so
     the graph and the torch module are never both on the GPU, and the GPU is free for engine builds; the
-    model is left on the CPU.
+    model is left on the CPU. After the trace the weights are touched once: each graph is written tensor by
+    tensor and then checked, hashed and mapped for refit on its structure, one tensor at a time.
     """
-    from export.onnx_export import export_graph, graph_io
-    from export.parity import check_graph_parity
-    from export.refit_map import REFIT_MAP_NAME, build_refit_map
-    from export.wrappers import (
-        UNET_INPUTS,
-        UNET_OUTPUTS,
-        VAE_INPUTS,
-        VAE_OUTPUTS,
-        UNetWrapper,
-        VAEDecoderWrapper,
-        unet_example_inputs,
-        vae_example_inputs,
-    )
-    from mvz.atomic import atomic_dir, write_json
+    from export.onnx_export import DEFAULT_EXPORTER
+    from export.refit_map import REFIT_MAP_NAME
+    from mvz.atomic import atomic_dir
 
     out = Path(out).expanduser()
     height = height or model.info.default_resolution
     width = width or height
+    exporter = exporter or ("torchscript" if precision in QUANTIZED else DEFAULT_EXPORTER)
     _validate(model, num_views, height, width, batch, precision, vae_precision, opset, exporter)
     if lora is not None and model.info.lora:
         raise InputError("the model already carries a LoRA and another one was given.", "Load the model without --lora, or export without it.")
@@ -196,7 +188,6 @@ def export_model(
     base = quant.base_dtype if quant else precision
     if vae_precision is None:
         vae_precision = "fp16" if base == "fp16" and vae_fp16_safe(model) else "fp32"
-    unet_dtype, vae_dtype = PRECISIONS[base], PRECISIONS[vae_precision]
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -216,76 +207,17 @@ def export_model(
         _stage(on_stage, "export", "skip", reason=f"{out} already holds this export (use --force to redo it)")
         return ExportResult(out, existing, reused=True, timings=timings)
 
-    rows = batch * num_views
-    f = model.vae_scale_factor
     graphs: dict[str, GraphEntry] = {}
-    device = model.device
-
     try:
         with atomic_dir(out) as tmp:
-            # ---- fuse + UNet -----------------------------------------------------------------------
-            t = time.perf_counter()
-            _stage(on_stage, "fuse", "start", lora=str(lora or model.info.lora or ""))
-            # quantization modifies the UNet in place, so it always works on a (fused) copy
-            with _unet_to_export(model, lora, lora_scale, unet_dtype, copy=quant is not None) as unet:
-                timings["fuse_s"] = time.perf_counter() - t
-                _stage(on_stage, "fuse", "done", seconds=timings["fuse_s"])
-                quantization, unet_export = None, export_graph
-                if quant is not None:  # the LoRA is fused first: ModelOpt calibrates the weights that ship
-                    from export.quantize import calibrated_unet, export_quantized_graph, quantization_record
-
-                    t = time.perf_counter()
-                    calib = calibrated_unet(model, unet, quant, model_fp=fingerprint, lora=lora_id, on_stage=on_stage)
-                    unet = calib.unet
-                    quantization = quantization_record(precision, quant, calib, str(calib_prompts) if calib_prompts else None)
-                    timings["calibrate_s"] = time.perf_counter() - t
-                    unet_export = export_quantized_graph(precision)
-                wrapper = UNetWrapper(unet, num_views, height // f, width // f).eval()
-                args = unet_example_inputs(model, unet_dtype, rows, height, width, device=device)
-                graphs["unet"] = _export_one(
-                    "unet", wrapper, args, tmp, UNET_INPUTS, UNET_OUTPUTS, precision, opset, exporter, dynamic_batch,
-                    [n for n in UNET_INPUTS if n != "timestep"], external_data, parity, on_stage, timings,
-                    unet_export, graph_io, check_graph_parity, device, offload=offload,
-                )
-                del wrapper, args
-                if quant is None:  # a quantized engine is never refit (a new LoRA needs a new calibration)
-                    t = time.perf_counter()
-                    _stage(on_stage, "refit map", "start")
-                    refit = build_refit_map(tmp / "unet.onnx", unet)
-                    write_json(tmp / REFIT_MAP_NAME, refit)
-                    timings["refit_map_s"] = time.perf_counter() - t
-                    _stage(on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
-                           shared=len(refit["shared"]), seconds=timings["refit_map_s"])
-            del unet
-
-            # ---- VAE decoder -----------------------------------------------------------------------
-            vae = model.vae
-            if next(vae.parameters()).dtype != vae_dtype:
-                vae = copy.deepcopy(model.vae).to(vae_dtype)
-            vwrap = VAEDecoderWrapper(vae).eval()
-            vargs = vae_example_inputs(model, vae_dtype, vae_rows, height, width, device=device)
-            graphs["vae_decoder"] = _export_one(
-                "vae_decoder", vwrap, vargs, tmp, VAE_INPUTS, VAE_OUTPUTS, vae_precision, opset, exporter,
-                dynamic_batch, list(VAE_INPUTS), external_data, parity, on_stage, timings,
-                export_graph, graph_io, check_graph_parity, device, offload=offload,
-            )
-            del vwrap, vae, vargs
-
-            # ---- text encoders (optional) ----------------------------------------------------------
+            opts = GraphExport(tmp, opset, exporter, dynamic_batch, external_data, parity, model.device, offload, on_stage)
+            quantization = _export_unet(model, opts, graphs, timings, lora=lora, lora_scale=lora_scale, quant=quant,
+                                        precision=(precision, base),
+                                        shape=(batch * num_views, num_views, height, width),
+                                        ids={"model_fp": fingerprint, "lora": lora_id, "calib": calib_prompts})
+            _export_vae(model, opts, graphs, timings, PRECISIONS[vae_precision], vae_rows, height, width)
             if text_encoders:
-                from export.wrappers import TextEncoderWrapper
-
-                for name, enc in (("text_encoder", model.text_encoder), ("text_encoder_2", model.text_encoder_2)):
-                    tw = TextEncoderWrapper(enc).eval()
-                    ids = torch.randint(0, int(enc.config.vocab_size), (batch, 77), generator=torch.Generator("cpu").manual_seed(3))
-                    outs = ("hidden_states", "text_embeds") if tw.with_projection else ("hidden_states",)
-                    te_prec = "fp16" if next(enc.parameters()).dtype == torch.float16 else "fp32"
-                    graphs[name] = _export_one(
-                        name, _FirstOutput(tw), (ids.to(device),), tmp, ("input_ids",), outs, te_prec, opset, exporter,
-                        dynamic_batch, ["input_ids"], external_data, parity, on_stage, timings,
-                        export_graph, graph_io, check_graph_parity, device, full_module=tw, offload=offload,
-                    )
-
+                _export_text_encoders(model, opts, graphs, timings, batch)
             manifest = ExportManifest(
                 model={"name": model.info.name, "fingerprint": fingerprint, "sources": dict(model.info.sources),
                        "random_weights": bool(model.info.random_weights)},
@@ -303,6 +235,81 @@ def export_model(
             ) from None
         raise
     return ExportResult(out, manifest, reused=False, timings=timings)
+
+
+def _export_unet(model, opts: GraphExport, graphs: dict, timings: dict, *, lora, lora_scale: float, quant,
+                 precision: tuple[str, str], shape: tuple[int, int, int, int], ids: dict) -> dict | None:
+    """Fuse the LoRA, (calibrate and quantize,) export the UNet and, for an unquantized one, its refit map.
+    Returns the quantization record (None when not quantized). ``precision``: (the graph's, its torch base)."""
+    from export.wrappers import UNET_INPUTS, UNET_OUTPUTS, UNetWrapper, unet_example_inputs
+
+    rows, views, height, width = shape
+    precision, base = precision
+    unet_dtype = PRECISIONS[base]
+    f = model.vae_scale_factor
+    t = time.perf_counter()
+    _stage(opts.on_stage, "fuse", "start", lora=str(lora or model.info.lora or ""))
+    quantization, export_fn = None, None
+    # quantization modifies the UNet in place, so it always works on a (fused) copy
+    with _unet_to_export(model, lora, lora_scale, unet_dtype, copy=quant is not None) as unet:
+        timings["fuse_s"] = time.perf_counter() - t
+        _stage(opts.on_stage, "fuse", "done", seconds=timings["fuse_s"])
+        if quant is not None:  # the LoRA is fused first: ModelOpt calibrates the weights that ship
+            from export.quantize import calibrated_unet, export_quantized_graph, quantization_record
+
+            t = time.perf_counter()
+            calib = calibrated_unet(model, unet, quant, model_fp=ids["model_fp"], lora=ids["lora"], on_stage=opts.on_stage)
+            unet = calib.unet
+            quantization = quantization_record(precision, quant, calib, str(ids["calib"]) if ids["calib"] else None)
+            timings["calibrate_s"] = time.perf_counter() - t
+            export_fn = export_quantized_graph(precision)
+        wrapper = UNetWrapper(unet, views, height // f, width // f).eval()
+        args = unet_example_inputs(model, unet_dtype, rows, height, width, device=model.device)
+        graphs["unet"] = _export_one(opts, "unet", wrapper, args, (UNET_INPUTS, UNET_OUTPUTS), precision,
+                                     [n for n in UNET_INPUTS if n != "timestep"], timings, export_fn)
+        del wrapper, args
+        if quant is None:  # a quantized engine is never refit (a new LoRA needs a new calibration)
+            _write_refit_map(opts, unet, timings)
+    return quantization
+
+
+def _write_refit_map(opts: GraphExport, unet, timings: dict) -> None:
+    from export.refit_map import REFIT_MAP_NAME, build_refit_map
+    from mvz.atomic import write_json
+
+    t = time.perf_counter()
+    _stage(opts.on_stage, "refit map", "start")
+    refit = build_refit_map(opts.folder / "unet.onnx", unet)
+    write_json(opts.folder / REFIT_MAP_NAME, refit)
+    timings["refit_map_s"] = time.perf_counter() - t
+    _stage(opts.on_stage, "refit map", "done", mapped=len(refit["weights"]), unmapped=len(refit["unmapped"]),
+           shared=len(refit["shared"]), seconds=timings["refit_map_s"])
+
+
+def _export_vae(model, opts: GraphExport, graphs: dict, timings: dict, vae_dtype: torch.dtype, vae_rows: int,
+                height: int, width: int) -> None:
+    from export.wrappers import VAE_INPUTS, VAE_OUTPUTS, VAEDecoderWrapper, vae_example_inputs
+
+    vae = model.vae
+    if next(vae.parameters()).dtype != vae_dtype:
+        vae = copy.deepcopy(model.vae).to(vae_dtype)
+    vwrap = VAEDecoderWrapper(vae).eval()
+    vargs = vae_example_inputs(model, vae_dtype, vae_rows, height, width, device=model.device)
+    precision = "fp16" if vae_dtype == torch.float16 else "fp32"
+    graphs["vae_decoder"] = _export_one(opts, "vae_decoder", vwrap, vargs, (VAE_INPUTS, VAE_OUTPUTS), precision,
+                                        list(VAE_INPUTS), timings)
+
+
+def _export_text_encoders(model, opts: GraphExport, graphs: dict, timings: dict, batch: int) -> None:
+    from export.wrappers import TextEncoderWrapper
+
+    for name, enc in (("text_encoder", model.text_encoder), ("text_encoder_2", model.text_encoder_2)):
+        tw = TextEncoderWrapper(enc).eval()
+        ids = torch.randint(0, int(enc.config.vocab_size), (batch, 77), generator=torch.Generator("cpu").manual_seed(3))
+        outs = ("hidden_states", "text_embeds") if tw.with_projection else ("hidden_states",)
+        te_prec = "fp16" if next(enc.parameters()).dtype == torch.float16 else "fp32"
+        graphs[name] = _export_one(opts, name, _FirstOutput(tw), (ids.to(model.device),), (("input_ids",), outs),
+                                   te_prec, ["input_ids"], timings, full_module=tw)
 
 
 def _quant_spec(model, precision, num_views, height, width, calib_prompts, calib_steps):
@@ -365,35 +372,53 @@ def _release(module: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def _export_one(name, module, args, folder, input_names, output_names, precision, opset, exporter, dynamic_batch,
-                batch_inputs, external_data, parity, on_stage, timings, export_graph, graph_io, check_graph_parity,
-                device, full_module=None, offload: bool = False) -> GraphEntry:
-    path = folder / f"{name}.onnx"
+@dataclass(frozen=True)
+class GraphExport:
+    """How every graph of one export is written and checked (the options that do not change per graph)."""
+
+    folder: Path
+    opset: int
+    exporter: str
+    dynamic_batch: bool
+    external_data: bool | None
+    parity: bool
+    device: torch.device
+    offload: bool = False
+    on_stage: StageCallback | None = None
+
+
+def _export_one(opts: GraphExport, name: str, module, args, io: tuple[Sequence[str], Sequence[str]], precision: str,
+                batch_inputs: Sequence[str], timings: dict[str, float], export_fn: Callable | None = None,
+                full_module=None) -> GraphEntry:
+    """Trace one graph into ``opts.folder`` (``export_fn``: ``onnx_export.export_graph`` or the quantized
+    one), release the torch module when asked, check parity, and describe the files for the manifest."""
+    from export.onnx_export import export_graph, graph_io
+    from export.parity import check_graph_parity
+
+    input_names, output_names = io
+    path = opts.folder / f"{name}.onnx"
     reference = None
-    if parity:  # the torch side of parity first, so the module can leave the GPU before ONNX Runtime loads
+    if opts.parity:  # the torch side of parity first, so the module can leave the GPU before ONNX Runtime loads
         with torch.inference_mode():
             reference = module(*args).detach().float().cpu().numpy()
     t = time.perf_counter()
-    _stage(on_stage, f"{name}: export", "start", precision=precision, opset=opset, exporter=exporter)
-    saved = export_graph(full_module or module, args, path, input_names, output_names, opset=opset, exporter=exporter,
-                         dynamic_batch=dynamic_batch, batch_inputs=batch_inputs, external_data=external_data)
+    _stage(opts.on_stage, f"{name}: export", "start", precision=precision, opset=opts.opset, exporter=opts.exporter)
+    saved = (export_fn or export_graph)(
+        full_module or module, args, path, input_names, output_names, opset=opts.opset, exporter=opts.exporter,
+        dynamic_batch=opts.dynamic_batch, batch_inputs=list(batch_inputs), external_data=opts.external_data)
     timings[f"{name}_export_s"] = time.perf_counter() - t
-    _stage(on_stage, f"{name}: export", "done", bytes=saved.bytes, nodes=saved.num_nodes, seconds=timings[f"{name}_export_s"])
-    if offload:
+    _stage(opts.on_stage, f"{name}: export", "done", bytes=saved.bytes, nodes=saved.num_nodes,
+           seconds=timings[f"{name}_export_s"])
+    if opts.offload:
         _release(full_module or module)
     figures: dict[str, Any] = {"status": "skipped", "reason": "parity check disabled"}
-    if parity:
+    if opts.parity:
         t = time.perf_counter()
-        _stage(on_stage, f"{name}: parity", "start")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.device(device).type == "cuda" else None
-        if providers:
-            import onnxruntime as ort
-
-            providers = [p for p in providers if p in ort.get_available_providers()]
-        figures = check_graph_parity(path, module, args, input_names, precision, providers=providers, label=name,
-                                     reference=reference)
+        _stage(opts.on_stage, f"{name}: parity", "start")
+        figures = check_graph_parity(path, module, args, input_names, precision, providers=_parity_providers(opts.device),
+                                     label=name, reference=reference)
         timings[f"{name}_parity_s"] = time.perf_counter() - t
-        _stage(on_stage, f"{name}: parity", "done", seconds=timings[f"{name}_parity_s"], **figures)
+        _stage(opts.on_stage, f"{name}: parity", "done", seconds=timings[f"{name}_parity_s"], **figures)
     inputs, outputs = graph_io(path)
     data = saved.external_data
     return GraphEntry(
@@ -402,3 +427,12 @@ def _export_one(name, module, args, folder, input_names, output_names, precision
         outputs=[TensorSpec(**o) for o in outputs], precision=precision, parity=figures,
         external_data_sha256=sha256_file(data) if data else None,
     )
+
+
+def _parity_providers(device) -> list[str] | None:
+    """ONNX Runtime providers for parity on ``device``: CUDA first where it exists, else ORT's default."""
+    if torch.device(device).type != "cuda":
+        return None
+    import onnxruntime as ort
+
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]

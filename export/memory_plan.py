@@ -14,6 +14,14 @@ upper bound for what TensorRT keeps with fused attention):
 * VAE decoder, per image: ``VAE_WORK_MAPS`` maps of the largest (channels x side^2) map of the up path
   (an upsampler's output counts at its doubled side) plus the mid-block attention scores ((h w)^2).
 
+**Host memory** (:func:`host_export_plan`): RAM per export stage beside the device plan. What the process holds
+is the model as loaded (on the host when exported from the CPU), plus per stage what the route copies: the
+``dynamo`` route traces on the meta device (nothing computed) and its optimizer folds the Linear weights'
+transposes into new tensors (at most one copy of the UNet graph's weights); the TorchScript route runs the
+module (activations, on a CPU) and holds the traced graph and its protobuf (two copies); ONNX Runtime parity
+loads the graph (one copy, plus activations on a CPU). Once a graph is written nothing reads its weights but
+one tensor at a time (refit map, hashes). ``HOST_OVERHEAD`` covers the interpreter and libraries.
+
 The constants are first estimates, not yet calibrated on a GPU (``bench/gpu_check.py`` measures the real
 per-stage peaks). The peak over the stages is compared with the device's free memory before anything heavy starts; a plan
 that does not fit is refused in one line naming the option that lowers its peak stage.
@@ -187,6 +195,76 @@ def generate_plan(r: PlanRequest) -> MemoryPlan:
     unet_w, vae_w, unet_a, vae_a = _parts(r)
     return MemoryPlan([Stage("generate: TensorRT engines", unet_w + vae_w + 2 * r.text_encoder_params,
                              max(unet_a, vae_a), lower_with="--views, --batch or --resolution")])
+
+
+HOST_OVERHEAD = 3 << 29  # python, torch, onnx, onnxruntime and allocator slack: 1.5 GiB
+TORCHSCRIPT_GRAPH_COPIES = 2  # the tracer's graph and its serialized protobuf, both beside the model
+
+
+@dataclass(frozen=True)
+class HostRequest:
+    """What the host plan depends on: the model's resident bytes and the graphs' weight bytes (no tensors)."""
+
+    plan: PlanRequest
+    model_bytes: int  # every component as loaded, on the host (0 when the model lives on a GPU)
+    exporter: str = "dynamo"
+    on_cpu: bool = True  # the torch side (trace, parity reference) computes on the host
+    copy_bytes: int = 0  # a UNet copy in the export dtype when the loaded one is in another dtype
+
+
+def host_export_plan(h: HostRequest) -> MemoryPlan:
+    """Host RAM per stage of ``mvz export`` (weights: the model as loaded; activations: copies and working sets)."""
+    r = h.plan
+    unet_w, vae_w, unet_a, _ = _parts(r)
+    lh, lw = r.height // r.vae_scale, r.width // r.vae_scale
+    vae_a = vae_activation_bytes(r.vae_shape, r.vae_images, lh, lw, DTYPE_BYTES[r.vae_precision])
+    held = h.model_bytes + h.copy_bytes
+
+    def stage(name: str, extra: int, lower_with: str) -> Stage:
+        return Stage(name, held, extra, lower_with=lower_with, overhead=HOST_OVERHEAD)
+
+    compute_u, compute_v = (unet_a, vae_a) if h.on_cpu else (0, 0)
+    if h.exporter == "dynamo":
+        trace_u, trace_v = stage("unet: trace + optimize (host)", unet_w, "--views or --resolution"), \
+            stage("vae: trace + optimize (host)", vae_w, "--views or --resolution")
+    else:
+        ts = "--exporter dynamo"
+        trace_u = stage("unet: TorchScript trace (host)", TORCHSCRIPT_GRAPH_COPIES * unet_w + compute_u, ts)
+        trace_v = stage("vae: TorchScript trace (host)", TORCHSCRIPT_GRAPH_COPIES * vae_w + compute_v, ts)
+    plan = MemoryPlan([stage("load model (host)", 0, "--precision fp16"), trace_u])
+    if r.parity:
+        plan.stages.append(stage("unet: parity (host)", unet_w + 2 * compute_u, "--skip-parity"))
+    plan.stages.append(trace_v)
+    if r.parity:
+        plan.stages.append(stage("vae: parity (host)", vae_w + 2 * compute_v, "--skip-parity"))
+    return plan
+
+
+def available_host_memory() -> int:
+    """Bytes the kernel can give this process now: psutil's ``available`` if installed, else MemAvailable."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def check_host_fits(plan: MemoryPlan, available_bytes: int) -> None:
+    """Refuse, in one line, a host plan whose peak stage needs more than ``available_bytes``."""
+    peak = plan.peak
+    if peak.total > available_bytes:
+        raise DeviceError(
+            f"this machine has {available_bytes / GiB:.1f} GiB of memory available but {peak.name} needs about "
+            f"{peak.total / GiB:.1f} GiB (model {peak.weights / GiB:.1f}, copies and working set "
+            f"{peak.activations / GiB:.1f}).",
+            f"Lower it with {peak.lower_with}, or close other programs (--no-memory-check skips this estimate).",
+        )
 
 
 def check_fits(plan: MemoryPlan, available_bytes: int, device: str = "the GPU") -> None:

@@ -3,8 +3,10 @@
 The exporter renames and transposes weights (a Linear becomes ``MatMul`` with a folded, transposed
 ``onnx::MatMul_123`` initializer), so names cannot be derived. Instead every target weight is located by
 the bytes it holds in the exported precision, as itself or transposed; weights with identical bytes (the
-MV branch is initialised as a copy of attn1) are told apart by the name of the node that consumes the
-initializer, which carries the module path (``/unet/down_blocks.1/.../attn1/to_q/MatMul``). A weight whose
+MV branch is initialised as a copy of attn1) are told apart by the module of the node that consumes the
+initializer: its name in a TorchScript graph (``/unet/down_blocks.1/.../attn1/to_q/MatMul``), its recorded
+module scopes in a dynamo graph (``pkg.torch.onnx.name_scopes``). The map is built on the graph's structure,
+hashing one initializer at a time from the external data file (never the whole graph in memory). A weight whose
 initializer is shared with another module cannot be refitted on its own and is listed as ``shared``.
 
 The engine's weight names are the ONNX initializer names (the TensorRT ONNX parser names them so), so the
@@ -13,6 +15,7 @@ map serves both ``Refitter.set_named_weights`` and the check of which initialize
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -41,11 +44,19 @@ def _scope(module_path: str) -> str:
     return "/".join(out)
 
 
-def _consumed_by(node_name: str, module_path: str) -> bool:
-    """Whether a node (``/unet/a.0/b/processor/to_q/MatMul``) belongs to the module ``a.0.b.to_q``: the
-    module's scope parts appear in order in the node's scope (calls through a processor add parts) and the
-    module's own name is the node's innermost scope."""
-    segs = node_name.strip("/").split("/")[:-1]
+def _consumed_by(node, module_path: str) -> bool:
+    """Whether a node belongs to the module ``module_path`` (e.g. ``a.0.b.to_q``).
+
+    A dynamo graph records the module scopes of each node (``pkg.torch.onnx.name_scopes``: ``[..,
+    'unet.a.0.b.to_q', 'linear_9']``): the innermost module is this one. A TorchScript graph names the node by
+    its scope (``/unet/a.0/b/processor/to_q/MatMul``): the module's scope parts appear in order in the node's
+    scope (calls through a processor add parts) and the module's own name is the node's innermost scope."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            inner = scopes[-2] if len(scopes) > 1 else ""
+            return inner == module_path or inner.endswith("." + module_path)
+    segs = node.name.strip("/").split("/")[:-1]
     target = _scope(module_path).split("/")
     if not segs or segs[-1] != target[-1]:
         return False
@@ -57,22 +68,36 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def build_refit_map(onnx_path: str | Path, unet: torch.nn.Module) -> dict[str, Any]:
-    """``{"weights": {torch_name: {"onnx": name, "transposed": bool, "shape": [...]}}, "unmapped": [...],
-    "shared": [...]}`` for every LoRA-target weight of ``unet`` (the module that was exported)."""
-    import onnx
+def _initializer_digests(onnx_path: Path, model) -> dict[str, list[str]]:
+    """digest -> initializer names over the graph's 2-D initializers, each read on its own (from the external
+    data file when it lives there) and dropped once hashed: one tensor in memory at a time."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    consumers: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node.name)
     by_digest: dict[str, list[str]] = {}
     for init in model.graph.initializer:
         if len(init.dims) != 2:
             continue
-        by_digest.setdefault(_digest(numpy_helper.to_array(init)), []).append(init.name)
+        arr = numpy_helper.to_array(init, base_dir=str(onnx_path.parent))
+        by_digest.setdefault(_digest(arr), []).append(init.name)
+        del arr
+    return by_digest
+
+
+def build_refit_map(onnx_path: str | Path, unet: torch.nn.Module) -> dict[str, Any]:
+    """``{"weights": {torch_name: {"onnx": name, "transposed": bool, "shape": [...]}}, "unmapped": [...],
+    "shared": [...]}`` for every LoRA-target weight of ``unet`` (the module that was exported).
+
+    Works on the graph's structure (loaded without external data); the 2-D initializers are hashed one at a
+    time, so a multi-GB graph costs one tensor of memory, never a second copy of the weights."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    by_digest = _initializer_digests(onnx_path, model)
 
     weights: dict[str, dict[str, Any]] = {}
     unmapped: list[str] = []

@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from export.memory_plan import (
+    HOST_OVERHEAD,
     RUNTIME_OVERHEAD,
     GiB,
+    HostRequest,
     PlanRequest,
     UNetShape,
     VAEShape,
     check_fits,
+    check_host_fits,
     export_plan,
     generate_plan,
+    host_export_plan,
     unet_activation_bytes,
     vae_activation_bytes,
 )
@@ -72,22 +76,64 @@ def test_refusal_names_the_option_that_lowers_the_peak():
         check_fits(shape_bound, 1 << 30)
 
 
-def test_cli_plan_refuses_early_on_a_small_gpu(tiny_model, monkeypatch, capsys):
+def test_cli_plan_refuses_early_on_a_small_gpu(tiny_model, monkeypatch, capsys, tmp_path):
     """The CLI's plan step with the device's free memory faked small: one DeviceError line (exit 2), before
     any export work."""
     from rich.console import Console
 
-    from mvz.cli.export import _memory_plan
+    import export.memory_plan as mp
+    from mvz.cli.export import ExportRequest, _memory_plans
 
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (64 << 20, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Small GPU")
+    monkeypatch.setattr(mp, "available_host_memory", lambda: 64 * GiB)  # the host has plenty
     model = tiny_model  # the plan only reads parameter counts and configs
-    kw = dict(views=2, batch=1, resolution=32, precision="fp16", vae_precision=None, workspace_gb=1.0, build=True,
-              parity=True, text_encoders=True)
+    req = ExportRequest(out=tmp_path / "x", model="tiny", views=2, resolution=32, workspace_gb=1.0, text_encoders=True)
     with pytest.raises(DeviceError, match="Small GPU has 0.1 GiB free.*--workspace") as err:
-        _memory_plan(Console(), model, torch.device("cuda"), check=True, **kw)
+        _memory_plans(Console(), model, torch.device("cuda"), req, 32)
     assert err.value.exit_code == 2 and "\n" not in str(err.value)
     assert "plan" in capsys.readouterr().out
-    _memory_plan(Console(), model, torch.device("cuda"), check=False, **kw)  # --no-memory-check: printed only
+    quiet = ExportRequest(out=tmp_path / "x", model="tiny", views=2, resolution=32, workspace_gb=1.0,
+                          text_encoders=True, memory_check=False)
+    _memory_plans(Console(), model, torch.device("cuda"), quiet, 32)  # --no-memory-check: printed only
+
+
+def test_host_plan_by_hand():
+    """Host RAM per stage: the model as loaded, plus what each route copies (see export.memory_plan)."""
+    r = _request(parity=False)
+    unet_w = 1000 * 2
+    dyn = host_export_plan(HostRequest(r, model_bytes=5000, exporter="dynamo"))
+    by = {s.name: s for s in dyn.stages}
+    assert [s.name for s in dyn.stages] == ["load model (host)", "unet: trace + optimize (host)",
+                                            "vae: trace + optimize (host)"]
+    assert by["load model (host)"].total == 5000 + HOST_OVERHEAD
+    assert by["unet: trace + optimize (host)"].total == 5000 + unet_w + HOST_OVERHEAD  # at most one copy
+    assert dyn.peak.name == "unet: trace + optimize (host)"
+    ts = host_export_plan(HostRequest(r, model_bytes=5000, exporter="torchscript"))
+    unet_a = unet_activation_bytes(UNET, 2, 2, 8, 8, 2)
+    ts_unet = {s.name: s for s in ts.stages}["unet: TorchScript trace (host)"]
+    assert ts_unet.activations == 2 * unet_w + unet_a and ts_unet.lower_with == "--exporter dynamo"
+    on_gpu = host_export_plan(HostRequest(r, model_bytes=0, exporter="torchscript", on_cpu=False))
+    assert on_gpu.peak.activations == 2 * unet_w  # the trace computes on the device: two graph copies only
+    with_parity = host_export_plan(HostRequest(_request(), model_bytes=5000, copy_bytes=300))
+    assert {s.name: s for s in with_parity.stages}["unet: parity (host)"].total == \
+        5300 + unet_w + 2 * unet_a + HOST_OVERHEAD
+    check_host_fits(dyn, dyn.peak.total)
+    with pytest.raises(DeviceError, match=r"memory available but unet: trace \+ optimize.*--views or --resolution"):
+        check_host_fits(dyn, dyn.peak.total - 1)
+
+
+def test_available_host_memory_reads_meminfo_without_psutil(monkeypatch):
+    import builtins
+
+    import export.memory_plan as mp
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "psutil"
+                        else real_import(name, *a, **k))
+    with open("/proc/meminfo") as fh:
+        want = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    assert abs(mp.available_host_memory() - want) < 256 << 20  # the same figure, read a moment later

@@ -271,8 +271,10 @@ def load_model(
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     settings = MVSettings(num_views=6)  # the model's defaults; every call passes its own
     # MV branch first (upstream load order), then the adapter file, then any LoRA
-    install_mv_processors(unet, init_from_base=True)
-    cam_adapter = build_camera_adapter(unet.config, vae_scale_factor=vae_scale)
+    # random weights: the MV branch and camera adapter are made in the target dtype too (no fp32 transient)
+    with _default_dtype(dt) if random_weights else contextlib.nullcontext():
+        install_mv_processors(unet, init_from_base=True)
+        cam_adapter = build_camera_adapter(unet.config, vae_scale_factor=vae_scale)
     if not random_weights:
         load_mvadapter_file(res.adapter, unet, cam_adapter)
     else:
