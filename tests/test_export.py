@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_main as _cli
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -239,18 +240,6 @@ def test_disk_full_leaves_no_half_written_export(model, tmp_path, monkeypatch):
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def _cli(args, capsys):
-    from mvz.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
-
-
 def test_cli_fp16_export_end_to_end(tmp_path, capsys):
     out = tmp_path / "fp16"
     code, text = _cli(["export", "--model", "tiny", "--out", str(out), "--resolution", str(RES), "--views", str(VIEWS)], capsys)

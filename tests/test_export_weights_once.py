@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_main as _cli
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -188,18 +189,6 @@ def test_weights_on_meta_restores_the_very_same_tensors(tiny_model):
 
 
 # ---- host memory ----------------------------------------------------------------------------------
-def _cli(args, capsys):
-    from mvz.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
-
-
 def test_cli_refuses_early_when_the_host_has_too_little_memory(tmp_path, capsys, monkeypatch):
     import export.memory_plan as mp
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,12 +11,7 @@ import time
 
 import httpx
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_helpers import free_port, wait_ready
 
 
 def _in_flight(url: str) -> float:
@@ -29,7 +23,7 @@ def _in_flight(url: str) -> float:
 
 @pytest.mark.slow  # a real mvz serve subprocess (about 20 s); CI runs it with -m slow
 def test_sigterm_drains_in_flight_requests_and_exits_0():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mvz", "serve", "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
@@ -37,16 +31,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
         env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "mvz serve did not get ready"
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(proc, url)
 
         result: dict = {}
         body = {"prompt": "a red chair", "steps": 4, "views": 2}

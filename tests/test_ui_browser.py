@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import free_port, wait_ready
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
 pytest.importorskip("gradio", reason="needs gradio (the ui extra)")
@@ -33,31 +32,16 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs the system Chromium (apt-get install chromium)")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """`mvz serve` with the page; a 2 s batch window so that two pages clicked together share a batch."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "mvz", "serve", *SERVE, "--port", str(port), "--ui",
                              "--max-batch", "2", "--batch-window-ms", "2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "mvz serve did not get ready"
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(proc, url)
         yield url
     finally:
         proc.terminate()
