@@ -8,7 +8,7 @@ Public entry points:
 * :func:`export.onnx_export.export_graph` -- one module to one clean, checked graph;
 * :func:`mvz.artifacts.manifest.read_manifest` / :func:`mvz.artifacts.manifest.check_request` -- what an export is and
   whether it fits a request;
-* :func:`export.refit_map.build_refit_map` / :func:`export.refit_map.plan_refit` -- TensorRT refit (all or nothing);
+* :func:`export.refit_map.build_refit_map` / :func:`mvz.artifacts.refit_plan.plan_refit` -- TensorRT refit (all or nothing);
 * :func:`export.memory_plan.export_plan` -- the device-memory plan of an export and build.
 
 ``mvz`` never imports this package; this package imports ``mvz``.
@@ -16,7 +16,11 @@ Public entry points:
 
 from __future__ import annotations
 
-__all__ = ["export_model", "fused_unet", "read_manifest", "check_request"]
+__all__ = ["EXPORTERS", "export_model", "fused_unet", "read_manifest", "check_request"]
+
+# the trace routes (torch-free here, so the CLI checks --exporter before importing torch): ``dynamo`` traces on
+# the meta device (the default), ``torchscript`` runs the model (ModelOpt's Q/DQ export needs it)
+EXPORTERS = ("dynamo", "torchscript")
 
 
 def __getattr__(name: str):
@@ -29,7 +33,7 @@ def __getattr__(name: str):
 
         return fused_unet
     if name in ("read_manifest", "check_request"):
-        from export import manifest
+        from mvz.artifacts import manifest
 
         return getattr(manifest, name)
     raise AttributeError(name)

@@ -33,9 +33,11 @@ from pathlib import Path
 
 import torch
 
+from export import EXPORTERS  # one list, torch-free in export/__init__ (the CLI checks it early)
+
 PROTOBUF_LIMIT = 2 * 1024**3
 EXTERNAL_ABOVE = PROTOBUF_LIMIT - (64 << 20)  # weight bytes above which a graph keeps them in a data file
-EXPORTERS = ("dynamo", "torchscript")
+
 DEFAULT_EXPORTER = "dynamo"
 MIN_OPSET = 19
 

@@ -101,7 +101,7 @@ def _check_request(req: ExportRequest) -> None:
                                  req.device)
     if req.lora is not None and not req.lora.is_file():
         raise InputError(f"--lora {req.lora} is not a file.", "Pass the path of a LoRA .safetensors file.")
-    from export.onnx_export import EXPORTERS
+    from export import EXPORTERS
 
     if req.exporter is not None and req.exporter not in EXPORTERS:
         raise InputError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {req.exporter!r}.")
