@@ -242,3 +242,9 @@ def test_generate_never_writes_an_image_from_nan_latents(nan_backend, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the denoised latents went non-finite") and "no image was written" in err[-1]
     assert not list(tmp_path.iterdir())
+
+
+def test_serve_takes_dash_m_like_every_command(tmp_path):
+    """``-m`` is ``--model`` everywhere (the README's table): serve gets past it to the next check."""
+    line = _one_error_line(_mvz(["serve", "-m", "tiny", "--port", "-1"], tmp_path))
+    assert "--port" in line and "-m" not in line

@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        model: str = typer.Option("sdxl-lcm", help="Preset (tiny, sdxl-lcm) or a diffusers folder / HF repo id."),
+        model: str = typer.Option("sdxl-lcm", "--model", "-m", help="Preset (tiny, sdxl-lcm) or a diffusers folder / HF repo id."),
         random_weights: bool = typer.Option(False, "--random-weights", help="Full-size architecture, random weights (no download)."),
         lora: Path = typer.Option(None, help="A MVC-ZigAL LoRA file (PEFT layout) to apply."),
         lora_scale: float = typer.Option(1.0, help="LoRA scale (torch backends: requests may override it)."),
