@@ -248,3 +248,19 @@ def test_serve_takes_dash_m_like_every_command(tmp_path):
     """``-m`` is ``--model`` everywhere (the README's table): serve gets past it to the next check."""
     line = _one_error_line(_mvz(["serve", "-m", "tiny", "--port", "-1"], tmp_path))
     assert "--port" in line and "-m" not in line
+
+
+BENCH_CASES = [
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "-1"], "--threads must be at least 1"),
+    (["--fidelity-prompts", "0"], "--fidelity-prompts 0 compares nothing"),
+    (["--latency-reward", "foo"], "--latency-reward 'foo' is not a reward"),
+    (["--reference-dtype", "foo"], "--reference-dtype must be one of"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BENCH_CASES, ids=[" ".join(e) for e, _ in BENCH_CASES])
+def test_bench_refuses_options_it_would_record_or_ignore(extra, message, tmp_path):
+    line = _one_error_line(_mvz(["bench", "--model", "tiny", "--device", "cpu", "--out", "rep", *extra], tmp_path))
+    assert message in line
+    assert not list(tmp_path.iterdir())  # no report folder, nothing loaded

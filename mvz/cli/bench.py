@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
         reward_names = split_names(rewards)
         _check_numbers(resolution, height, width, views, steps, guidance, batch, warmup, runs, seed, lora_scale,
                        fidelity_prompts, quality_prompts, peak_tflops)
+        _check_choices(threads, fidelity, fidelity_prompts, reference_dtype)
+        _check_latency_reward(latency_reward, reward_names)
         height, width = height or resolution, width or resolution
         if precisions:
             _precision_bench(locals())
@@ -140,6 +142,34 @@ def _check_numbers(resolution, height, width, views, steps, guidance, batch, war
     checks.seed(seed, max(batch, fidelity_prompts, quality_prompts))
     if peak_tflops is not None:
         checks.finite(peak_tflops, "--peak-tflops", low=1e-3)
+
+
+REFERENCE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _check_choices(threads, fidelity: bool, fidelity_prompts: int, reference_dtype: str) -> None:
+    """Options a report would otherwise record as given (``--reference-dtype foo``) or silently ignore."""
+    from mvz.cli import checks
+    from mvz.errors import InputError
+
+    if threads is not None:
+        checks.at_least(threads, "--threads")
+    if fidelity and fidelity_prompts < 1:
+        raise InputError("--fidelity-prompts 0 compares nothing.", "Pass --fidelity-prompts 1 or more, or --no-fidelity.")
+    if reference_dtype not in REFERENCE_DTYPES:
+        raise InputError(f"--reference-dtype must be one of {', '.join(REFERENCE_DTYPES)}, got {reference_dtype!r}.")
+
+
+def _check_latency_reward(name: str, rewards: list[str]) -> None:
+    """``auto``, ``none``, a reward of ``--rewards``, a built-in reward or a custom ``module:callable``; before
+    the model loads (the registry's names need its module, which imports torch)."""
+    from mvz.errors import InputError
+    from mvz.rewards.registry import available_rewards
+
+    if name in ("auto", "none") or name in rewards or ":" in name or name in available_rewards():
+        return
+    raise InputError(f"--latency-reward {name!r} is not a reward.",
+                     f"Use auto, none or one of {', '.join(available_rewards())}.")
 
 
 def _fail_when_nothing_ran(report: dict, out: Path) -> None:
