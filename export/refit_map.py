@@ -99,6 +99,13 @@ def build_refit_map(onnx_path: str | Path, unet: torch.nn.Module) -> dict[str, A
             consumers.setdefault(i, []).append(node)
     by_digest = _initializer_digests(onnx_path, model)
 
+    return map_lora_targets(unet, by_digest, consumers)
+
+
+def map_lora_targets(unet: torch.nn.Module, by_digest: dict[str, list[str]], consumers: dict[str, list]) -> dict[str, Any]:
+    """The refit map from the graph's 2-D initializer digests (digest -> names) and its consumers (initializer
+    name -> nodes): each LoRA-target weight matched by its bytes (or its transpose); identical bytes are told
+    apart by the module path of the consuming node."""
     weights: dict[str, dict[str, Any]] = {}
     unmapped: list[str] = []
     for module_path, linear in sorted(lora_target_modules(unet).items()):

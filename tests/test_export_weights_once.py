@@ -91,10 +91,11 @@ def test_dynamo_graph_keeps_row_attention_plain_and_shapes_static(unet_graphs):
 
 
 def _old_build_refit_map(onnx_path, unet):
-    """The refit map as built before (the whole graph loaded with its weights): the oracle."""
+    """The refit map as built before (the whole graph loaded with its weights, hashed from memory): the oracle
+    for reading the digests from structure, one tensor at a time. The matching itself is shared."""
     from onnx import numpy_helper
 
-    from export.refit_map import _consumed_by, _digest, _np
+    from export.refit_map import _digest, map_lora_targets
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     consumers: dict[str, list] = {}
@@ -105,23 +106,7 @@ def _old_build_refit_map(onnx_path, unet):
     for init in model.graph.initializer:
         if len(init.dims) == 2:
             by_digest.setdefault(_digest(numpy_helper.to_array(init)), []).append(init.name)
-    weights, unmapped = {}, []
-    for module_path, linear in sorted(lora_target_modules(unet).items()):
-        w = _np(linear.weight)
-        found = None
-        for transposed, arr in ((False, w), (True, w.T)):
-            cands = by_digest.get(_digest(arr), [])
-            if len(cands) > 1:
-                cands = [c for c in cands if any(_consumed_by(n, module_path) for n in consumers.get(c, []))] or cands
-            if len(cands) == 1:
-                found = {"onnx": cands[0], "transposed": transposed, "shape": list(arr.shape)}
-                break
-        (weights.__setitem__(f"{module_path}.weight", found) if found else unmapped.append(f"{module_path}.weight"))
-    owners: dict[str, list[str]] = {}
-    for t, e in weights.items():
-        owners.setdefault(e["onnx"], []).append(t)
-    return {"weights": weights, "unmapped": unmapped,
-            "shared": sorted(t for ts in owners.values() if len(ts) > 1 for t in ts)}
+    return map_lora_targets(unet, by_digest, consumers)
 
 
 def test_refit_map_from_structure_equals_the_in_memory_one(unet_graphs, tiny_model):
