@@ -44,7 +44,6 @@ from mvz.devices import gpu_identity, release_device_memory
 from mvz.errors import DeviceError, MvzError
 
 StageCallback = Callable[[str, str, dict], None]
-free_device_memory = release_device_memory  # the name the CLI imports from here
 GRAPHS = ("unet", "vae_decoder")
 
 

@@ -206,12 +206,13 @@ def _build_engines(req: ExportRequest, result, on_stage):
     if req.onnx_only:
         return "skipped (--onnx-only)", None
     from engines.tensorrt_backend import unavailable_reason
-    from engines.tensorrt_build import build_engines, free_device_memory
+    from engines.tensorrt_build import build_engines
+    from mvz.devices import release_device_memory
 
     reason = unavailable_reason(need_builder=True)
     if reason:
         return f"not built: {reason} The ONNX export is complete and runs with --backend onnxruntime.", None
-    free_device_memory()
+    release_device_memory()
     return None, build_engines(
         result.folder, workspace_bytes=int(req.workspace_gb * (1 << 30)), opt_level=req.opt_level,
         refittable=req.refittable, timing_cache=req.timing_cache, force=req.force, on_stage=on_stage,

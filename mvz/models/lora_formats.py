@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mvz.errors import CheckpointError, ModelNotFoundError, describe_key_mismatch, summarize_keys
+from mvz.errors import CheckpointError, ModelNotFoundError, summarize_keys
 from mvz.models.lora import ADAPTER_NAME, LORA_FILENAME
 
 PEFT, DIFFUSERS, KOHYA = "peft", "diffusers", "kohya"
@@ -282,16 +282,18 @@ def place_lora(unet, sd: dict[str, torch.Tensor], config, adapter_name: str, sca
     from peft.utils import set_peft_model_state_dict
 
     from mvz.models.lora import has_lora, lora_state_dict, set_lora_scale
+    from mvz.state_dicts import check_state
 
     if has_lora(unet) and adapter_name in unet.peft_config:
         unet.delete_adapters(adapter_name)
     unet.add_adapter(config, adapter_name=adapter_name)
     expected = lora_state_dict(unet, adapter_name)
-    problem = describe_key_mismatch(sd, expected)
-    if problem:
+    try:  # the one strict check (mvz.state_dicts), as every adapter and reward loader uses
+        check_state(sd, expected, f"{what} (for this model)",
+                    "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).")
+    except CheckpointError:
         unet.delete_adapters(adapter_name)
-        raise CheckpointError(f"{what} does not fit this model: {problem}.",
-                              "Use a LoRA trained for this model (same UNet, MV-Adapter and rank layout).")
+        raise
     ref = next(iter(expected.values()))
     result = set_peft_model_state_dict(unet, {k: v.to(ref.dtype) for k, v in sd.items()}, adapter_name=adapter_name)
     leftovers = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora" in k]
