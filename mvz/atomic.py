@@ -124,12 +124,9 @@ def save_image(path: str | os.PathLike, image, text: dict[str, str] | None = Non
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     extra = {}
     if text and fmt == "PNG":
-        from PIL.PngImagePlugin import PngInfo
+        from mvz.png_metadata import pnginfo
 
-        info = PngInfo()
-        for key, value in text.items():
-            info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
-        extra["pnginfo"] = info
+        extra["pnginfo"] = pnginfo(text)
     return atomic_write(path, lambda p: image.save(p, format=fmt, **extra))
 
 

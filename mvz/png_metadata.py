@@ -57,6 +57,17 @@ def png_text(record: dict[str, Any], cameras: dict[str, Any] | None = None) -> d
             "Software": f"mvz {mvz.__version__}"}
 
 
+def pnginfo(text: dict[str, str]):
+    """Pillow's ``PngInfo`` holding ``text`` as iTXt chunks (UTF-8, so any prompt survives): the one way mvz puts
+    text into a PNG, on disk (``mvz.atomic.save_image``) and over HTTP (``mvz serve``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, str(value))
+    return info
+
+
 def a1111_parameters(record: dict[str, Any]) -> str:
     """A1111's infotext for the record (see the module docstring for the grammar)."""
     prompt = " ".join(cap(str(record["prompt"]), MAX_PROMPT_CHARS)[0].split())

@@ -35,16 +35,11 @@ PNG_RESPONSES = {
 
 def _png(images, metadata: dict) -> bytes:
     """PNG bytes carrying the same text chunks as ``mvz generate``'s files (A1111 ``parameters`` + ``mvz`` JSON)."""
-    from PIL.PngImagePlugin import PngInfo
-
     from mvz.pipeline import images_to_grid
-    from mvz.png_metadata import png_text
+    from mvz.png_metadata import png_text, pnginfo
 
-    info = PngInfo()
-    for key, value in png_text(metadata).items():
-        info.add_itxt(key, value)
     buf = io.BytesIO()
-    images_to_grid(images).save(buf, format="PNG", pnginfo=info)
+    images_to_grid(images).save(buf, format="PNG", pnginfo=pnginfo(png_text(metadata)))
     return buf.getvalue()
 
 
