@@ -144,21 +144,23 @@ class ResultStore:
 
     def write(self, out, azimuths) -> ResultFiles:
         from mvz.pipeline import images_to_grid
+        from mvz.png_metadata import png_text, pnginfo
 
         self._count += 1
         folder = self.root / f"{self._count:06d}-{secrets.token_hex(4)}"
         folder.mkdir(parents=True)
         self._prune()
         meta = out.metadata
+        text = pnginfo(png_text(meta))  # the same chunks as the API's and mvz generate's PNGs
         stem = f"mvz_seed{meta.get('seed', 0)}"
         order = sorted(range(len(azimuths)), key=lambda v: azimuths[v] % 360)
         views = []
         for v in order:
             path = folder / f"{stem}_view{v}_az{azimuths[v]:g}.png"
-            images_to_grid(out.images[v:v + 1]).save(path)
+            images_to_grid(out.images[v:v + 1]).save(path, pnginfo=text)
             views.append((str(path), f"azimuth {azimuths[v]:g}°"))
         grid = folder / f"{stem}.png"
-        images_to_grid(out.images).save(grid)
+        images_to_grid(out.images).save(grid, pnginfo=text)
         sidecar = folder / f"{stem}.json"
         sidecar.write_text(json.dumps(meta, indent=2, default=str))
         cameras = folder / f"{stem}_cameras.json"

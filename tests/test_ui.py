@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from serve.app import create_app
 from serve.fake import FakeRunner
@@ -122,6 +123,7 @@ def test_results_are_written_in_azimuth_order_with_a_zip(tmp_path):
     assert sorted(names) == sorted(["mvz_seed3.png", "mvz_seed3.json", "mvz_seed3_cameras.json",
                                     "mvz_seed3_view0_az180.png", "mvz_seed3_view1_az0.png", "mvz_seed3_view2_az90.png"])
     assert json.loads(zipfile.ZipFile(files.archive).read("mvz_seed3.json"))["seed"] == 3
+    assert json.loads(Image.open(files.grid).text["mvz"])["seed"] == 3  # the page's PNGs carry the metadata
     cams = json.loads(zipfile.ZipFile(files.archive).read("mvz_seed3_cameras.json"))
     assert [(f["file_path"], f["azimuth_deg"]) for f in cams["frames"]] == [
         ("mvz_seed3_view0_az180.png", 180.0), ("mvz_seed3_view1_az0.png", 0.0), ("mvz_seed3_view2_az90.png", 90.0)]
